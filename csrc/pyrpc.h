@@ -1,0 +1,65 @@
+/* pyrpc.h: Python-facing helpers shared by the binding files (module.c, dlpack_bridge.c,
+ * kvcache.c, ops_binding.c). Kernel files must not include this header.
+ *
+ * Ownership conventions: every `PyObject **` out-parameter receives a new reference; every function
+ * returning int returns 0 on success and -1 with a Python exception set on failure.
+ */
+#ifndef RPC_PY_PYRPC_H
+#define RPC_PY_PYRPC_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "rpc.h"
+
+/* Per-module state: the heap types. */
+typedef struct {
+    PyTypeObject *KVCacheType;
+    PyTypeObject *StorageType;   /* owns one host or device allocation */
+    PyTypeObject *ViewType;      /* DLPack producer over (part of) a Storage */
+} rpc_module_state;
+
+rpc_module_state *rpc_get_state_from_type(PyTypeObject *tp); /* tp: one of our heap types */
+rpc_module_state *rpc_get_state(PyObject *module);
+
+/* ---- DLPack consumer (dlpack_bridge.c)
+ * Accepts any object with __dlpack__ (torch, numpy, cupy, our View) or a raw DLPack capsule.
+ * Requests a versioned capsule (max_version=(1, 0)), falls back to the legacy one.
+ * `stream`: the consumer's CUDA stream as an integer handle, or -1 to not pass one.
+ * On success fills *t (byte_offset applied, strides always filled, in elements) and stores in
+ * *keepalive a new reference that keeps the producer's memory alive; DECREF it when done.
+ * Rejects: not a DLPack producer (TypeError), major version != 1, lanes != 1, unsupported dtype or
+ * device (ValueError), ndim > RPC_MAX_NDIM. Messages start with `argname`. */
+int rpc_from_dlpack(PyObject *obj, const char *argname, intptr_t stream, rpc_tensor *t,
+                    PyObject **keepalive);
+
+/* Parse the `stream=` keyword: None -> 0 (legacy default stream), int -> handle. */
+int rpc_parse_stream(PyObject *obj, intptr_t *stream);
+
+/* Validation helpers: raise ValueError naming `argname`. `dtype`/`ndim` < 0 = any. */
+int rpc_check_ndim_dtype(const rpc_tensor *t, const char *argname, int ndim, int dtype);
+int rpc_check_no_negative_strides(const rpc_tensor *t, const char *argname);
+int rpc_check_writable(const rpc_tensor *t, const char *argname);         /* BufferError */
+const char *rpc_dtype_name(rpc_dtype t);                                   /* "float32", ... */
+int rpc_dtype_from_name(const char *name, rpc_dtype *out);                 /* -1 + ValueError */
+void rpc_format_device(char *buf, size_t n, rpc_device_type dt, int id);   /* "cpu", "cuda:0" */
+
+/* ---- Storage and View (dlpack_bridge.c) */
+/* New Storage holding `nbytes` zero-initialised bytes on the device (CUDA: memset on `stream`). */
+PyObject *rpc_storage_new(rpc_module_state *st, rpc_device_type dt, int device_id, size_t nbytes,
+                          intptr_t stream);
+void *rpc_storage_data(PyObject *storage);
+size_t rpc_storage_nbytes(PyObject *storage);
+
+/* New View (a DLPack producer) over memory owned by `owner` (a Storage, kept alive by the view). */
+PyObject *rpc_view_new(rpc_module_state *st, PyObject *owner, void *data, rpc_device_type dt,
+                       int device_id, rpc_dtype dtype, int ndim, const int64_t *shape,
+                       const int64_t *strides);
+
+/* Host results as NumPy arrays (module.c imports the NumPy C API; these live there). */
+PyObject *rpc_numpy_from_host(const void *data, rpc_dtype dtype, int ndim, const int64_t *shape);
+
+/* Turn a kernel status + message into a Python exception; returns NULL. */
+PyObject *rpc_raise_status(int status, const char *err);
+int rpc_raise_status_int(int status, const char *err); /* same, returns -1 */
+
+#endif /* RPC_PY_PYRPC_H */

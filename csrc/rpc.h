@@ -1,0 +1,135 @@
+/* rpc.h: the one header shared by every file of the rpc_py._C extension.
+ *
+ * Layering (see README "Design"):
+ *   module.c        module init, backend_features, the standalone operator functions (binding only)
+ *   dlpack_bridge.c DLPack consumer (any producer -> rpc_tensor) and producer (Storage/View objects)
+ *   kvcache.c       the KVCache heap type (bookkeeping, validation, calls into kernels)
+ *   compress_cpu.c  CPU kernels (scalar reference + fast path); no Python API in there
+ *   *.cu            CUDA kernels and launchers; no Python API in there
+ *   cuda_stub.c     stand-ins for the rpc_cuda_* functions when CUDA is not built
+ *
+ * Kernels see only the plain structs below: raw pointers, sizes and strides counted in elements.
+ * Every kernel/launcher returns 0 on success or a negative rpc_status and writes a message into
+ * the caller-provided `err` buffer (RPC_ERR_LEN bytes); the binding turns it into a Python exception.
+ */
+#ifndef RPC_PY_RPC_H
+#define RPC_PY_RPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RPC_ERR_LEN 256
+#define RPC_MAX_NDIM 8
+
+typedef enum {
+    RPC_OK = 0,
+    RPC_ERR_VALUE = -1,   /* bad argument -> ValueError */
+    RPC_ERR_NOMEM = -2,   /* allocation failed -> MemoryError */
+    RPC_ERR_CUDA = -3,    /* CUDA runtime error -> RuntimeError carrying the CUDA message */
+    RPC_ERR_NOT_BUILT = -4 /* backend not compiled in -> RuntimeError */
+} rpc_status;
+
+typedef enum { RPC_F32 = 0, RPC_F16 = 1, RPC_BF16 = 2, RPC_I64 = 3, RPC_I32 = 4 } rpc_dtype;
+typedef enum { RPC_DEV_CPU = 1, RPC_DEV_CUDA = 2 } rpc_device_type; /* = DLPack's kDLCPU/kDLCUDA */
+typedef enum { RPC_AGG_ALL = 0, RPC_AGG_GROUP = 1 } rpc_aggregation;
+typedef enum { RPC_POOL_AVG = 0, RPC_POOL_MAX = 1 } rpc_pooling;
+
+static inline size_t rpc_dtype_size(rpc_dtype t) {
+    switch (t) {
+    case RPC_F32: return 4;
+    case RPC_F16: return 2;
+    case RPC_BF16: return 2;
+    case RPC_I64: return 8;
+    case RPC_I32: return 4;
+    }
+    return 0;
+}
+
+/* A borrowed view of someone else's memory, as described by a DLPack tensor (byte_offset applied). */
+typedef struct {
+    void *data;                       /* first element; owned by the producer */
+    rpc_device_type device_type;
+    int device_id;
+    rpc_dtype dtype;
+    int ndim;
+    int64_t shape[RPC_MAX_NDIM];
+    int64_t strides[RPC_MAX_NDIM];    /* in elements, always filled (C-contiguous when producer gave NULL) */
+    int readonly;                     /* DLPack READ_ONLY flag (numpy read-only arrays) */
+} rpc_tensor;
+
+/* ---------------------------------------------------------------- scoring (steps 1-7) */
+typedef struct {
+    const void *q;          /* selector queries [B, Hq, R, D] */
+    const void *k;          /* keys [B, Hkv, L, D] */
+    rpc_dtype dtype;        /* shared by q and k: F32, F16 or BF16 */
+    int64_t B, Hq, Hkv, R, D;
+    int64_t q_stride[4];    /* elements */
+    int64_t k_stride[4];    /* elements */
+    int64_t start, end;     /* candidates are key positions [start, end); N = end - start >= 1 */
+    rpc_aggregation agg;    /* A = 1 (ALL) or Hkv (GROUP) */
+    rpc_pooling pool;
+    int kernel_size;        /* odd, >= 1 */
+    float scale;            /* logit scale, 1/sqrt(D) */
+    float *out;             /* pooled scores [B, A, N], contiguous, float32; written */
+    float *raw;             /* optional: aggregated scores before pooling [B, A, N]; may be NULL */
+} rpc_score_params;
+
+/* ---------------------------------------------------------------- selection (step 8) */
+typedef struct {
+    const float *scores;    /* [rows, N] contiguous (rows = B * A) */
+    int64_t rows, N, keep;  /* 0 <= keep <= N */
+    int64_t *indices;       /* [rows, keep] contiguous, written: top-`keep` by score (ties -> lower index),
+                               then sorted ascending. NaN ranks below every number. */
+} rpc_select_params;
+
+/* ---------------------------------------------------------------- compaction (step 9) */
+typedef struct {
+    void *k;                /* [B, H, L, D], modified in place */
+    void *v;                /* [B, H, L, D], modified in place */
+    rpc_dtype dtype;        /* shared by k and v */
+    int64_t B, H, L, D;
+    int64_t k_stride[4], v_stride[4];    /* elements; the D stride must be 1 */
+    const int64_t *indices; /* [B, A, keep]: candidate offsets (0-based from `start`), strictly ascending */
+    int64_t A;              /* 1: every head uses row [b, 0]; H: head h uses row [b, h] */
+    int64_t idx_stride_b, idx_stride_a;  /* elements */
+    int64_t start;          /* protected prefix [0, start) stays */
+    int64_t end;            /* recent window [end, L) moves to [start + keep, start + keep + L - end) */
+    int64_t keep;
+} rpc_compact_params;
+
+/* ---------------------------------------------------------------- CPU kernels (compress_cpu.c) */
+int rpc_cpu_score(const rpc_score_params *p, char *err);
+int rpc_cpu_score_scalar(const rpc_score_params *p, char *err); /* plain reference, for tests */
+int rpc_cpu_select(const rpc_select_params *p, char *err);
+int rpc_cpu_compact(const rpc_compact_params *p, char *err);
+
+/* Strided copy of a 4-D tensor (used by append / record_query): dst[i] = src[i], both on the host. */
+int rpc_cpu_copy4d(void *dst, const int64_t dst_stride[4], const void *src, const int64_t src_stride[4],
+                   const int64_t shape[4], size_t elem_size, char *err);
+
+/* ---------------------------------------------------------------- CUDA (csrc/*.cu, or cuda_stub.c)
+ * `stream` is a cudaStream_t passed as void* (NULL = legacy default stream) so that C files need
+ * no CUDA headers. All work is enqueued on that stream; nothing synchronizes unless stated. */
+int rpc_cuda_built(void);                        /* 1 when compiled with nvcc */
+int rpc_cuda_device_count(int *count, char *err);/* 0 devices is not an error */
+int rpc_cuda_malloc(int device, size_t nbytes, void **ptr, char *err);
+int rpc_cuda_free(int device, void *ptr, char *err);
+int rpc_cuda_memset_async(int device, void *ptr, int value, size_t nbytes, void *stream, char *err);
+int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err);
+int rpc_cuda_memcpy_d2h(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err); /* syncs stream */
+int rpc_cuda_copy4d(int device, void *dst, const int64_t dst_stride[4], const void *src,
+                    const int64_t src_stride[4], const int64_t shape[4], size_t elem_size, void *stream,
+                    char *err);
+int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err);
+int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err);
+int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err);
+int rpc_cuda_stream_synchronize(int device, void *stream, char *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RPC_PY_RPC_H */
