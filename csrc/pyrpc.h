@@ -62,4 +62,9 @@ PyObject *rpc_numpy_from_host(const void *data, rpc_dtype dtype, int ndim, const
 PyObject *rpc_raise_status(int status, const char *err);
 int rpc_raise_status_int(int status, const char *err); /* same, returns -1 */
 
+/* ---- Module assembly: module.c's exec slot calls these in order (each returns 0 or -1 + exception). */
+int rpc_bridge_register(PyObject *module, rpc_module_state *st);  /* dlpack_bridge.c: Storage, View */
+int rpc_kvcache_register(PyObject *module, rpc_module_state *st); /* kvcache.c: KVCache */
+int rpc_ops_register(PyObject *module);                           /* ops_binding.c: score/select/compact */
+
 #endif /* RPC_PY_PYRPC_H */

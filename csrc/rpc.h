@@ -107,11 +107,20 @@ int rpc_cpu_score_scalar(const rpc_score_params *p, char *err); /* plain referen
 int rpc_cpu_select(const rpc_select_params *p, char *err);
 int rpc_cpu_compact(const rpc_compact_params *p, char *err);
 
+/* Instruction sets of the fast CPU scoring path, chosen at run time (compress_cpu.c).
+ * rpc_cpu_isa: the one rpc_cpu_score uses now. rpc_cpu_set_isa: cap the choice (tests use it to run
+ * every path on one machine); returns -1 when the CPU lacks that ISA. Not thread-safe: set it while
+ * no scoring runs. */
+enum { RPC_CPU_ISA_GENERIC = 0, RPC_CPU_ISA_AVX2 = 1, RPC_CPU_ISA_AVX512 = 2 };
+int rpc_cpu_isa(void);
+int rpc_cpu_set_isa(int isa);
+const char *rpc_cpu_isa_name(int isa);
+
 /* Strided copy of a 4-D tensor (used by append / record_query): dst[i] = src[i], both on the host. */
 int rpc_cpu_copy4d(void *dst, const int64_t dst_stride[4], const void *src, const int64_t src_stride[4],
                    const int64_t shape[4], size_t elem_size, char *err);
 
-/* ---------------------------------------------------------------- CUDA (csrc/*.cu, or cuda_stub.c)
+/* ---------------------------------------------------------------- CUDA (the .cu files in csrc, or cuda_stub.c)
  * `stream` is a cudaStream_t passed as void* (NULL = legacy default stream) so that C files need
  * no CUDA headers. All work is enqueued on that stream; nothing synchronizes unless stated. */
 int rpc_cuda_built(void);                        /* 1 when compiled with nvcc */

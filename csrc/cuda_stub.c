@@ -1,0 +1,109 @@
+/* cuda_stub.c: the rpc_cuda_* entry points of a CPU-only build (RPC_PY_CUDA=0 or no nvcc).
+ *
+ * setup.py compiles this file instead of the .cu files, so the rest of the extension links the same
+ * way in both builds. Every call that would touch a device fails with RPC_ERR_NOT_BUILT and a message
+ * saying how to get a CUDA build; asking for the device count is not an error and reports zero.
+ */
+#include "rpc.h"
+
+#include <stdio.h>
+
+#define RPC_NOT_BUILT_MSG                                                                            \
+    "rpc_py was built without CUDA (RPC_PY_CUDA=0 or nvcc not found); reinstall with nvcc available " \
+    "(RPC_PY_CUDA=1) to use CUDA tensors"
+
+static int not_built(const char *what, char *err) {
+    snprintf(err, RPC_ERR_LEN, "%s: %s", what, RPC_NOT_BUILT_MSG);
+    return RPC_ERR_NOT_BUILT;
+}
+
+int rpc_cuda_built(void) {
+    return 0;
+}
+
+int rpc_cuda_device_count(int *count, char *err) {
+    (void)err;
+    *count = 0;
+    return RPC_OK;
+}
+
+int rpc_cuda_malloc(int device, size_t nbytes, void **ptr, char *err) {
+    (void)device;
+    (void)nbytes;
+    *ptr = NULL;
+    return not_built("cuda_malloc", err);
+}
+
+int rpc_cuda_free(int device, void *ptr, char *err) {
+    (void)device;
+    (void)ptr;
+    return not_built("cuda_free", err);
+}
+
+int rpc_cuda_memset_async(int device, void *ptr, int value, size_t nbytes, void *stream, char *err) {
+    (void)device;
+    (void)ptr;
+    (void)value;
+    (void)nbytes;
+    (void)stream;
+    return not_built("cuda_memset", err);
+}
+
+int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err) {
+    (void)device;
+    (void)dst;
+    (void)src;
+    (void)nbytes;
+    (void)stream;
+    return not_built("cuda_memcpy", err);
+}
+
+int rpc_cuda_memcpy_d2h(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err) {
+    (void)device;
+    (void)dst;
+    (void)src;
+    (void)nbytes;
+    (void)stream;
+    return not_built("cuda_memcpy", err);
+}
+
+int rpc_cuda_copy4d(int device, void *dst, const int64_t dst_stride[4], const void *src,
+                    const int64_t src_stride[4], const int64_t shape[4], size_t elem_size, void *stream,
+                    char *err) {
+    (void)device;
+    (void)dst;
+    (void)dst_stride;
+    (void)src;
+    (void)src_stride;
+    (void)shape;
+    (void)elem_size;
+    (void)stream;
+    return not_built("cuda_copy4d", err);
+}
+
+int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("score", err);
+}
+
+int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("select", err);
+}
+
+int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("compact", err);
+}
+
+int rpc_cuda_stream_synchronize(int device, void *stream, char *err) {
+    (void)device;
+    (void)stream;
+    return not_built("stream_synchronize", err);
+}

@@ -1,0 +1,183 @@
+"""Build script for the rpc_py._C extension.
+
+One extension module: the C files in csrc/ (CPython C API + NumPy C API) and, when CUDA is built,
+the .cu files compiled by nvcc and linked with the static CUDA runtime, so the shared object needs
+no library path at run time.
+
+Environment switches:
+  RPC_PY_CUDA=auto|0|1   auto (default): build CUDA when nvcc is found; 1: require it; 0: CPU only
+  RPC_PY_WERROR=1        warnings are errors (gcc -Wall -Wextra -Werror, nvcc -Werror all-warnings)
+  RPC_PY_SANITIZE=1      AddressSanitizer + UBSan on the C code (compile and link)
+  CUDA_HOME / CUDA_PATH  toolkit root (default: the directory above the real nvcc)
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+import numpy
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name, default="0"):
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _find_nvcc():
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_home(nvcc):
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root:
+            return root
+    # nvcc may be a wrapper script or a symlink: prefer the directory that holds the headers.
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            for word in head.decode("utf-8", "replace").split():
+                if word.endswith("/bin/nvcc") and os.path.isfile(word):
+                    candidates.append(os.path.dirname(os.path.dirname(word)))
+    except OSError:
+        pass
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+    return candidates[0]
+
+
+def _cuda_libdir(home):
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                os.path.join("targets", "sbsa-linux", "lib")):
+        d = os.path.join(home, sub)
+        if os.path.isfile(os.path.join(d, "libcudart_static.a")):
+            return d
+    return os.path.join(home, "lib64")
+
+
+def _compiler_accepts(flags):
+    """True when the C compiler builds and links a file with these flags (used for OpenMP)."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    cc = cc.split()
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+        try:
+            r = subprocess.run(cc + flags + [src, "-o", os.path.join(d, "t")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return False
+        return r.returncode == 0
+
+
+CUDA_MODE = os.environ.get("RPC_PY_CUDA", "auto").strip().lower()
+if CUDA_MODE not in ("auto", "0", "1"):
+    sys.exit(f"RPC_PY_CUDA must be auto, 0 or 1, got {CUDA_MODE!r}")
+WERROR = _env_flag("RPC_PY_WERROR")
+SANITIZE = _env_flag("RPC_PY_SANITIZE")
+
+NVCC = None
+if CUDA_MODE != "0":
+    NVCC = _find_nvcc()
+    if NVCC is None:
+        if CUDA_MODE == "1":
+            sys.exit("RPC_PY_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        print("rpc_py: nvcc not found, building the CPU backend only (RPC_PY_CUDA=auto)")
+WITH_CUDA = NVCC is not None
+CUDA_HOME = _cuda_home(NVCC) if WITH_CUDA else None
+
+c_sources = sorted(glob.glob(os.path.join("csrc", "*.c")))
+cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+if WITH_CUDA:
+    sources = [s for s in c_sources if os.path.basename(s) != "cuda_stub.c"] + cu_sources
+else:
+    sources = c_sources
+depends = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
+
+cflags = ["-O3", "-std=c11", "-fvisibility=hidden"]
+ldflags = []
+macros = [("NPY_NO_DEPRECATED_API", "NPY_1_21_API_VERSION")]
+if WERROR:
+    cflags += ["-Wall", "-Wextra", "-Werror"]
+if _compiler_accepts(["-fopenmp"]):
+    cflags.append("-fopenmp")
+    ldflags.append("-fopenmp")
+    macros.append(("RPC_PY_WITH_OPENMP", "1"))
+if SANITIZE:
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+    cflags += san + ["-g"]
+    ldflags += san
+
+libraries = []
+library_dirs = []
+include_dirs = [os.path.join(HERE, "csrc"), numpy.get_include()]
+nvcc_flags = []
+if WITH_CUDA:
+    macros.append(("RPC_PY_WITH_CUDA", "1"))
+    include_dirs.append(os.path.join(CUDA_HOME, "include"))
+    library_dirs.append(_cuda_libdir(CUDA_HOME))
+    # Static runtime: the .so carries cudart; only the driver (libcuda) is found at run time.
+    libraries += ["cudart_static", "dl", "rt", "pthread", "stdc++"]
+    nvcc_flags = [
+        "-O3", "--std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90,code=compute_90",
+        "-DRPC_PY_WITH_CUDA=1",
+    ]
+    if WERROR:
+        nvcc_flags += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+
+
+class BuildExt(build_ext):
+    """build_ext that sends .cu files to nvcc and everything else to the C compiler."""
+
+    def build_extensions(self):
+        compiler = self.compiler
+        if ".cu" not in compiler.src_extensions:
+            compiler.src_extensions.append(".cu")
+        default_compile = compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".cu"):
+                if not WITH_CUDA:
+                    raise RuntimeError(f"{src}: CUDA source in a CPU-only build")
+                cmd = [NVCC, "-c", src, "-o", obj] + pp_opts + nvcc_flags
+                self.spawn(cmd)
+                return
+            default_compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        compiler._compile = _compile
+        try:
+            super().build_extensions()
+        finally:
+            compiler._compile = default_compile
+
+
+ext = Extension(
+    "rpc_py._C",
+    sources=sources,
+    depends=depends,
+    include_dirs=include_dirs,
+    define_macros=macros,
+    extra_compile_args=cflags,
+    extra_link_args=ldflags,
+    libraries=libraries,
+    library_dirs=library_dirs,
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
