@@ -1,0 +1,927 @@
+/* compress_cuda.cu: CUDA kernels of one RPC compression (scoring, selection, compaction).
+ *
+ * Scoring (steps 3-7 of docs/rpc-algorithm.md) never materializes the [B, Hq, R, N] logits nor a
+ * GQA-repeated K. A thread block owns one (batch b, KV head, group of query rows, chunk of
+ * candidates): its query rows (the G*R selector queries of that KV head, or a slice of them when
+ * they do not fit in shared memory) stay resident in shared memory, and K is streamed through in
+ * tiles of 32 keys. Each tile's logits are a [rows x 32] product computed with tensor cores (WMMA,
+ * fp16/bf16 inputs, fp32 accumulation: the products of 16-bit inputs are exact in fp32, so this is
+ * as accurate as an fp32 dot product) or, for float32 inputs, with a register-tiled fp32 loop.
+ *   pass 1: per query row and chunk, the running max and sum of exp over the chunk's keys;
+ *   pass 2: combines the chunk partials into the softmax max/normalizer of each row, recomputes the
+ *           logits and writes, per key, the sum of probabilities over the block's rows;
+ *   agg:    sums those per-(KV head, row group) sums in a fixed order (deterministic: no atomics)
+ *           and divides by the number of query heads aggregated;
+ *   pool:   average (zero padding counted) or max (padding ignored) pooling, stride 1.
+ * Logits are pre-multiplied by log2(e) so that the softmax uses exp2 (same result, cheaper, within
+ * float32 rounding). The two GEMM passes are the price of an exact softmax without storing logits. Scratch memory
+ * (a few MB) is taken from the stream-ordered allocator, so nothing synchronizes with the host.
+ *
+ * Selection: one block per row. Scores map to order-preserving uint32 keys (NaN lowest, -0 == +0);
+ * a 4-pass 8-bit radix select finds the key of the keep-th largest element and how many of the
+ * elements equal to it are taken; one ordered pass with a block-wide prefix sum then writes the
+ * kept indices in ascending order (ties resolved towards lower indices by construction).
+ *
+ * Compaction moves rows in place. Destination i and source idx[i] satisfy idx[i] >= i (strictly
+ * ascending indices), so processing kept tokens in ascending chunks, reading a whole chunk into
+ * shared memory before writing any of it, never overwrites a source that is still to be read.
+ * The recent window moves down the same way afterwards.
+ *
+ * Every launcher sets the requested device (restoring the caller's afterwards), runs on the
+ * caller's stream, checks every runtime call and launch, and never synchronizes with the host.
+ */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+
+#include "rpc.h"
+
+namespace {
+
+/* ------------------------------------------------------------------------------------------------
+ * Errors and device selection
+ */
+
+int set_error(char *err, int status, const char *what, cudaError_t e) {
+    if (err) {
+        if (e == cudaSuccess)
+            snprintf(err, RPC_ERR_LEN, "%s", what);
+        else
+            snprintf(err, RPC_ERR_LEN, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+    }
+    return status;
+}
+
+int value_error(char *err, const char *msg) {
+    if (err) snprintf(err, RPC_ERR_LEN, "%s", msg);
+    return RPC_ERR_VALUE;
+}
+
+#define RPC_CUDA_CHECK(call, what)                                                                 \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return set_error(err, RPC_ERR_CUDA, (what), e_);                    \
+    } while (0)
+
+/* Switches to `device` for the lifetime of the object and switches back to the caller's device.
+ * The restore cannot report an error (destructor); the original device was valid a moment ago. */
+class DeviceGuard {
+  public:
+    DeviceGuard() = default;
+    DeviceGuard(const DeviceGuard &) = delete;
+    DeviceGuard &operator=(const DeviceGuard &) = delete;
+    cudaError_t enter(int device) {
+        cudaError_t e = cudaGetDevice(&prev_);
+        if (e != cudaSuccess) return e;
+        if (prev_ != device) {
+            e = cudaSetDevice(device);
+            if (e != cudaSuccess) return e;
+            switched_ = true;
+        }
+        return cudaSuccess;
+    }
+    ~DeviceGuard() {
+        if (switched_) (void)cudaSetDevice(prev_);
+    }
+
+  private:
+    int prev_ = 0;
+    bool switched_ = false;
+};
+
+/* Stream-ordered scratch memory, released (stream-ordered too) when the launcher returns. */
+class StreamScratch {
+  public:
+    explicit StreamScratch(cudaStream_t s) : stream_(s) {}
+    StreamScratch(const StreamScratch &) = delete;
+    StreamScratch &operator=(const StreamScratch &) = delete;
+    cudaError_t alloc(size_t nbytes) { return cudaMallocAsync(&ptr_, nbytes, stream_); }
+    void *get() const { return ptr_; }
+    cudaError_t release() {
+        cudaError_t e = cudaSuccess;
+        if (ptr_) e = cudaFreeAsync(ptr_, stream_);
+        ptr_ = nullptr;
+        return e;
+    }
+    ~StreamScratch() { (void)release(); }
+
+  private:
+    cudaStream_t stream_;
+    void *ptr_ = nullptr;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+/* ------------------------------------------------------------------------------------------------
+ * Scoring
+ */
+
+constexpr int kThreads = 256;          /* threads per scoring block */
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileN = 32;             /* keys per K tile: one key per lane in the epilogues */
+constexpr int kLdl = kTileN + 4;       /* leading dim of the logits tile (floats, multiple of 4) */
+constexpr size_t kSmemBudget = 110 * 1024; /* two blocks per SM on sm_80 and sm_90 */
+
+/* Storage type of an element in shared memory: the raw bits, no conversion while staging. */
+template <typename T> struct Bits;
+template <> struct Bits<float> { typedef uint32_t type; };
+template <> struct Bits<__half> { typedef uint16_t type; };
+template <> struct Bits<__nv_bfloat16> { typedef uint16_t type; };
+
+/* Row padding of staged Q and K. Tensor-core path: D rounded up to 16 (zero-filled, the MMA runs
+ * over whole 16-wide steps) plus 8 elements so that rows start in different banks. fp32 path: an
+ * odd leading dimension makes the column-wise reads of the register-tiled loop conflict-free. */
+template <typename T> __host__ __device__ inline int staged_ld(int D) {
+    if (sizeof(T) == 2) return (D + 15) / 16 * 16 + 8;
+    return (D % 2 == 0) ? D + 1 : D;
+}
+
+/* Shared memory layout of a scoring block holding `QR` query rows (QR multiple of 16). Host and
+ * device compute it with the same function. Every region starts at a multiple of 128 bytes, as
+ * WMMA fragment loads/stores need 32-byte aligned tiles. */
+struct ScoreSmem {
+    size_t q, k, logits, stat_a, stat_b, red, total;
+};
+
+template <typename T> __host__ __device__ inline ScoreSmem score_smem_layout(int QR, int D) {
+    const size_t ld = (size_t)staged_ld<T>(D);
+    ScoreSmem s;
+    size_t off = 0;
+    s.q = off;
+    off += (QR * ld * sizeof(T) + 127) / 128 * 128;
+    s.k = off;
+    off += (kTileN * ld * sizeof(T) + 127) / 128 * 128;
+    s.logits = off;
+    off += ((size_t)QR * kLdl * sizeof(float) + 127) / 128 * 128;
+    s.stat_a = off;
+    off += ((size_t)QR * sizeof(float) + 127) / 128 * 128;
+    s.stat_b = off;
+    off += ((size_t)QR * sizeof(float) + 127) / 128 * 128;
+    s.red = off;
+    off += ((size_t)kWarps * 32 * sizeof(float) + 127) / 128 * 128;
+    s.total = off;
+    return s;
+}
+
+struct ScoreArgs {
+    const void *q, *k;
+    int64_t qs[4], ks[4];   /* strides in elements */
+    int64_t start;          /* first candidate position in K */
+    int N;                  /* candidates */
+    int R, D, G, Hkv, Hq;
+    int GR;                 /* G * R query rows per KV head */
+    int QR;                 /* query rows per block (multiple of 16) */
+    int QG;                 /* row groups: ceil(GR / QR) */
+    int C;                  /* candidate chunks */
+    int tiles_per_chunk;
+    bool q_vec, k_vec;      /* 16-byte vector loads allowed */
+    float scale2;           /* logit scale times log2(e): the softmax is computed with exp2 */
+    float *pmax, *psum;     /* [B*Hq*R, C] chunk partials (pass 1 writes, pass 2 reads) */
+    float *part;            /* [B, Hkv, QG, N] per-key probability sums (pass 2 writes) */
+};
+
+/* Copies `nalloc` rows of D elements into shared memory (leading dim `ld`), rows >= nvalid as
+ * zeros. row_off(i) gives the element offset of row i in `src`; `dstride` is the D stride. With
+ * `vec`, rows are read as 16-byte vectors (D stride 1, every used address 16-byte aligned). */
+template <typename T, typename RowOff>
+__device__ __forceinline__ void stage_rows(typename Bits<T>::type *__restrict__ dst, int ld, int nalloc,
+                                           int nvalid, int D, const T *__restrict__ src_t,
+                                           int64_t dstride, bool vec, RowOff row_off) {
+    typedef typename Bits<T>::type U;
+    const U *__restrict__ src = reinterpret_cast<const U *>(src_t);
+    if (vec) {
+        constexpr int V = 16 / sizeof(U);
+        const int per_row = D / V;
+        const int total = nalloc * per_row;
+        constexpr int kBatch = 4; /* several loads in flight per thread */
+        for (int base = threadIdx.x; base < total; base += kBatch * blockDim.x) {
+            uint4 val[kBatch];
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int e = base + u * (int)blockDim.x;
+                val[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (e < total) {
+                    const int i = e / per_row, v = e - i * per_row;
+                    if (i < nvalid) val[u] = __ldg(reinterpret_cast<const uint4 *>(src + row_off(i)) + v);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) {
+                const int e = base + u * (int)blockDim.x;
+                if (e < total) {
+                    const int i = e / per_row, v = e - i * per_row;
+                    U *d = dst + (size_t)i * ld + (size_t)v * V;
+                    if constexpr (sizeof(U) == 2) {
+                        *reinterpret_cast<uint4 *>(d) = val[u]; /* ld % 8 == 0: row starts are 16B aligned */
+                    } else {
+                        d[0] = val[u].x; /* odd ld: scalar stores */
+                        d[1] = val[u].y;
+                        d[2] = val[u].z;
+                        d[3] = val[u].w;
+                    }
+                }
+            }
+        }
+    } else {
+        const int total = nalloc * D;
+        for (int e = threadIdx.x; e < total; e += blockDim.x) {
+            const int i = e / D, d = e - i * D;
+            U x = 0;
+            if (i < nvalid) x = src[row_off(i) + (int64_t)d * dstride];
+            dst[(size_t)i * ld + d] = x;
+        }
+    }
+}
+
+/* Logits tile (unscaled dot products) [QRp x kTileN] -> ls, tensor cores. Each warp owns 16-row
+ * stripes and computes both 16-key column tiles of a stripe. Zero padding of Q rows/columns and of
+ * K columns contributes nothing. */
+template <typename T>
+__device__ __forceinline__ void logits_tile_mma(const T *qs, const T *ks, int ld, float *ls, int QRp, int D) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x / 32;
+    const int Dp = (D + 15) / 16 * 16;
+    for (int rt = warp; rt < QRp / 16; rt += kWarps) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc0, acc1;
+        wmma::fill_fragment(acc0, 0.0f);
+        wmma::fill_fragment(acc1, 0.0f);
+        for (int kk = 0; kk < Dp; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b0, b1;
+            wmma::load_matrix_sync(a, qs + (size_t)rt * 16 * ld + kk, ld);
+            /* K staged as [key][d]: column-major view of the [d x key] operand */
+            wmma::load_matrix_sync(b0, ks + kk, ld);
+            wmma::load_matrix_sync(b1, ks + (size_t)16 * ld + kk, ld);
+            wmma::mma_sync(acc0, a, b0, acc0);
+            wmma::mma_sync(acc1, a, b1, acc1);
+        }
+        wmma::store_matrix_sync(ls + (size_t)rt * 16 * kLdl, acc0, kLdl, wmma::mem_row_major);
+        wmma::store_matrix_sync(ls + (size_t)rt * 16 * kLdl + 16, acc1, kLdl, wmma::mem_row_major);
+    }
+}
+
+/* fp32 logits tile: thread (ty = tid / 8, tx = tid % 8) computes rows rb + ty + 32*i (i < 4) times
+ * keys tx + 8*j (j < 4). Rows past QRp are clamped for the reads and not stored. */
+__device__ __forceinline__ void logits_tile_fp32(const float *qs, const float *ks, int ld, float *ls, int QRp,
+                                                 int D) {
+    const int tx = threadIdx.x % 8, ty = threadIdx.x / 8;
+    for (int rb = 0; rb < QRp; rb += 128) {
+        float acc[4][4];
+        const float *qrow[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int row = rb + ty + 32 * i;
+            if (row >= QRp) row = QRp - 1;
+            qrow[i] = qs + (size_t)row * ld;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+        }
+        for (int d = 0; d < D; ++d) {
+            float kv[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) kv[j] = ks[(size_t)(tx + 8 * j) * ld + d];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float qv = qrow[i][d];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(qv, kv[j], acc[i][j]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = rb + ty + 32 * i;
+            if (row < QRp) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) ls[(size_t)row * kLdl + tx + 8 * j] = acc[i][j];
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void logits_tile(const T *qs, const T *ks, int ld, float *ls, int QRp, int D) {
+    logits_tile_mma<T>(qs, ks, ld, ls, QRp, D);
+}
+template <>
+__device__ __forceinline__ void logits_tile<float>(const float *qs, const float *ks, int ld, float *ls, int QRp,
+                                                   int D) {
+    logits_tile_fp32(qs, ks, ld, ls, QRp, D);
+}
+
+/* grid.x = (b * Hkv + kvh) * C + chunk, grid.y = row group. PASS2 = false: softmax partials;
+ * PASS2 = true: per-key probability sums. */
+template <typename T, bool PASS2>
+__global__ void __launch_bounds__(kThreads) score_pass_kernel(const ScoreArgs a) {
+    typedef typename Bits<T>::type U;
+    extern __shared__ __align__(128) unsigned char smem[];
+
+    const int chunk = (int)(blockIdx.x % (unsigned)a.C);
+    const int64_t bh = blockIdx.x / (unsigned)a.C; /* b * Hkv + kvh */
+    const int b = (int)(bh / a.Hkv), kvh = (int)(bh % a.Hkv);
+    const int qg = blockIdx.y;
+    const int row0 = qg * a.QR;
+    const int QRv = min(a.QR, a.GR - row0); /* valid query rows of this block, >= 1 */
+    const int QRp = (QRv + 15) / 16 * 16;
+    const int ld = staged_ld<T>(a.D);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+    const ScoreSmem L = score_smem_layout<T>(a.QR, a.D);
+    U *qs = reinterpret_cast<U *>(smem + L.q);
+    U *ks = reinterpret_cast<U *>(smem + L.k);
+    float *ls = reinterpret_cast<float *>(smem + L.logits);
+    float *sa = reinterpret_cast<float *>(smem + L.stat_a); /* pass 1: running max; pass 2: max */
+    float *sb = reinterpret_cast<float *>(smem + L.stat_b); /* pass 1: running sum; pass 2: 1/sum */
+    float *red = reinterpret_cast<float *>(smem + L.red);
+
+    /* Zero the Q and K buffers: the padding columns (D..ld) are never written by the staging and
+     * must be finite zeros for the MMA. */
+    {
+        uint4 *z = reinterpret_cast<uint4 *>(smem);
+        const int n16 = (int)(L.logits / 16);
+        for (int i = threadIdx.x; i < n16; i += blockDim.x) z[i] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    /* Row statistics. Pass 2 combines the chunk partials of pass 1 (same order in every block). */
+    const int64_t rowbase = bh * a.GR + row0; /* = b*Hq*R + hq*R + r for the block's first row */
+    for (int i = threadIdx.x; i < QRp; i += blockDim.x) {
+        if (!PASS2) {
+            sa[i] = -INFINITY;
+            sb[i] = 0.0f;
+        } else if (i < QRv) {
+            const float *pm = a.pmax + (rowbase + i) * a.C;
+            const float *ps = a.psum + (rowbase + i) * a.C;
+            float m = -INFINITY;
+            for (int c = 0; c < a.C; ++c) m = fmaxf(m, pm[c]);
+            float s = 0.0f;
+            for (int c = 0; c < a.C; ++c) s += ps[c] * exp2f(pm[c] - m);
+            sa[i] = m;
+            sb[i] = 1.0f / s;
+        } else {
+            sa[i] = 0.0f;
+            sb[i] = 0.0f;
+        }
+    }
+    __syncthreads();
+
+    /* Query rows of this block: row i is selector query r of query head kvh*G + g. */
+    {
+        const T *q = static_cast<const T *>(a.q);
+        const int64_t qb = (int64_t)b * a.qs[0];
+        const int R = a.R, G = a.G;
+        const int64_t qs1 = a.qs[1], qs2 = a.qs[2];
+        stage_rows<T>(qs, ld, QRp, QRv, a.D, q, a.qs[3], a.q_vec, [=](int i) -> int64_t {
+            const int gr = row0 + i;
+            const int g = gr / R, r = gr - g * R;
+            return qb + (int64_t)(kvh * G + g) * qs1 + (int64_t)r * qs2;
+        });
+    }
+
+    const T *k = static_cast<const T *>(a.k);
+    const int64_t kb = (int64_t)b * a.ks[0] + (int64_t)kvh * a.ks[1];
+    const int64_t ks2 = a.ks[2];
+    const int ntiles = (a.N + kTileN - 1) / kTileN;
+    const int t_begin = chunk * a.tiles_per_chunk;
+    const int t_end = min(ntiles, t_begin + a.tiles_per_chunk);
+    const float scale2 = a.scale2;
+
+    for (int t = t_begin; t < t_end; ++t) {
+        const int n0 = t * kTileN;
+        const int nv = min(kTileN, a.N - n0);
+        const int64_t kpos0 = a.start + n0;
+        stage_rows<T>(ks, ld, kTileN, nv, a.D, k, a.ks[3], a.k_vec,
+                      [=](int i) -> int64_t { return kb + (kpos0 + i) * ks2; });
+        __syncthreads(); /* K tile (and, first time, Q and stats) visible; previous epilogue done */
+
+        logits_tile<T>(reinterpret_cast<const T *>(qs), reinterpret_cast<const T *>(ks), ld, ls, QRp, a.D);
+        __syncthreads(); /* logits visible */
+
+        if (!PASS2) {
+            /* Thread i owns row i (and i + blockDim...): only it touches the row's running state.
+             * Column order is rotated by the row so that the 32 threads of a warp, reading rows
+             * kLdl = 36 floats apart, hit 32 different banks ((36 i + (j + i) % 32) % 32 distinct). */
+            for (int i = threadIdx.x; i < QRv; i += blockDim.x) {
+                const float *lrow = ls + (size_t)i * kLdl;
+                float x[kTileN];
+                float m = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < kTileN; ++j) {
+                    const int c = (j + i) & (kTileN - 1);
+                    x[j] = c < nv ? lrow[c] * scale2 : -INFINITY;
+                    m = fmaxf(m, x[j]);
+                }
+                float s = 0.0f;
+#pragma unroll
+                for (int j = 0; j < kTileN; ++j) s += exp2f(x[j] - m); /* exp2(-inf) = 0 for padding */
+                const float m_old = sa[i];
+                const float m_new = fmaxf(m_old, m);
+                sb[i] = sb[i] * exp2f(m_old - m_new) + s * exp2f(m - m_new);
+                sa[i] = m_new;
+            }
+        } else {
+            float acc = 0.0f;
+            for (int i = warp; i < QRv; i += kWarps)
+                acc += exp2f(ls[(size_t)i * kLdl + lane] * scale2 - sa[i]) * sb[i];
+            red[warp * 32 + lane] = acc;
+            __syncthreads();
+            if (warp == 0 && lane < nv) {
+                float s = 0.0f;
+#pragma unroll
+                for (int w = 0; w < kWarps; ++w) s += red[w * 32 + lane];
+                a.part[(bh * a.QG + qg) * (int64_t)a.N + n0 + lane] = s;
+            }
+            /* `red` is rewritten only after the next tile's two barriers */
+        }
+    }
+
+    if (!PASS2) {
+        for (int i = threadIdx.x; i < QRv; i += blockDim.x) {
+            a.pmax[(rowbase + i) * a.C + chunk] = sa[i];
+            a.psum[(rowbase + i) * a.C + chunk] = sb[i];
+        }
+    }
+}
+
+/* agg[b, a, n] = sum of part over the aggregated KV heads and row groups, in a fixed order,
+ * divided by the number of query heads aggregated. */
+__global__ void score_aggregate_kernel(const float *__restrict__ part, float *__restrict__ agg, int64_t B,
+                                       int A, int Hkv, int QG, int64_t N, float heads) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= B * A * N) return;
+    const int64_t n = idx % N;
+    const int64_t ba = idx / N;
+    const int64_t b = ba / A, a_ = ba % A;
+    const int h0 = (A == 1) ? 0 : (int)a_;
+    const int h1 = (A == 1) ? Hkv : (int)a_ + 1;
+    float s = 0.0f;
+    for (int h = h0; h < h1; ++h)
+        for (int g = 0; g < QG; ++g) s += part[((b * Hkv + h) * QG + g) * N + n];
+    agg[idx] = s / heads;
+}
+
+/* Pooling along N, stride 1, padding k/2. Average: zero padding counted in the denominator (torch
+ * avg_pool1d with count_include_pad=True). Max: padding ignored, NaN propagates. */
+__global__ void score_pool_kernel(const float *__restrict__ agg, float *__restrict__ out, int64_t rows, int64_t N,
+                                  int ksize, int is_max) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * N) return;
+    const int64_t n = idx % N;
+    const float *row = agg + (idx - n);
+    const int64_t half = ksize / 2;
+    const int64_t lo = n - half < 0 ? 0 : n - half;
+    const int64_t hi = n + half >= N ? N - 1 : n + half;
+    if (is_max) {
+        float m = -INFINITY;
+        for (int64_t j = lo; j <= hi; ++j) {
+            const float v = row[j];
+            if (v > m || isnan(v)) m = v;
+            if (isnan(m)) break;
+        }
+        out[idx] = m;
+    } else {
+        float s = 0.0f;
+        for (int64_t j = lo; j <= hi; ++j) s += row[j];
+        out[idx] = s / (float)ksize;
+    }
+}
+
+/* True when every address base + sum(i_d * stride_d) (d < 3, dims of size > 1) is 16-byte aligned,
+ * the D stride is 1 and a row is a whole number of 16-byte vectors. */
+bool vec16_ok(const void *base, const int64_t shape[4], const int64_t stride[4], size_t esize) {
+    if ((uintptr_t)base % 16 != 0) return false;
+    if (shape[3] > 1 && stride[3] != 1) return false;
+    if ((shape[3] * (int64_t)esize) % 16 != 0) return false;
+    for (int d = 0; d < 3; ++d)
+        if (shape[d] > 1 && (stride[d] * (int64_t)esize) % 16 != 0) return false;
+    return true;
+}
+
+template <typename T>
+int score_launch(const rpc_score_params *p, int64_t N, cudaStream_t st, char *err) {
+    const int64_t B = p->B, Hq = p->Hq, Hkv = p->Hkv, R = p->R, D = p->D;
+    const int64_t G = Hq / Hkv, GR = G * R;
+    const int64_t A = p->agg == RPC_AGG_ALL ? 1 : Hkv;
+    const int64_t ntiles = ceil_div(N, kTileN);
+
+    int dev = 0, sms = 0, optin = 0;
+    RPC_CUDA_CHECK(cudaGetDevice(&dev), "rpc score: cudaGetDevice");
+    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+                   "rpc score: cudaDeviceGetAttribute");
+    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                   "rpc score: cudaDeviceGetAttribute");
+    const size_t budget = (size_t)optin < kSmemBudget ? (size_t)optin : kSmemBudget;
+
+    /* Query rows per block: as many as fit the shared-memory budget (multiple of 16), then
+     * balanced over the resulting number of row groups. */
+    const int64_t GRp = ceil_div(GR, 16) * 16;
+    int64_t qr_cap = 0;
+    if (score_smem_layout<T>(16, (int)D).total <= budget) {
+        const size_t fixed = score_smem_layout<T>(0, (int)D).total;
+        const size_t per16 = score_smem_layout<T>(16, (int)D).total - fixed;
+        qr_cap = (int64_t)((budget - fixed) / per16) * 16;
+        if (qr_cap > GRp) qr_cap = GRp;
+        while (qr_cap > 16 && score_smem_layout<T>((int)qr_cap, (int)D).total > budget) qr_cap -= 16;
+    }
+    if (qr_cap < 16) {
+        char msg[RPC_ERR_LEN];
+        snprintf(msg, sizeof msg, "rpc score (cuda): head dim %lld is too large for the CUDA scoring kernel",
+                 (long long)D);
+        return value_error(err, msg);
+    }
+    int64_t QG = ceil_div(GR, qr_cap);
+    const int64_t QR = ceil_div(ceil_div(GR, QG), 16) * 16;
+    QG = ceil_div(GR, QR);
+    const size_t smem = score_smem_layout<T>((int)QR, (int)D).total;
+
+    /* Candidate chunks: enough blocks for several waves, each chunk a whole number of tiles. */
+    int64_t C = ceil_div(8 * (int64_t)(sms > 0 ? sms : 1), B * Hkv * QG);
+    if (C > ntiles) C = ntiles;
+    if (C < 1) C = 1;
+    const int64_t tpc = ceil_div(ntiles, C);
+    C = ceil_div(ntiles, tpc);
+    if (B * Hkv * C > INT_MAX || QG > 65535 || ceil_div(B * A * N, 256) > INT_MAX)
+        return value_error(err, "rpc score (cuda): problem too large for the launch grid");
+
+    /* Scratch: pass-1 partials, per-key sums, aggregated scores when `raw` is not wanted. */
+    const size_t n_part = (size_t)(B * Hq * R * C);
+    const size_t n_keys = (size_t)(B * Hkv * QG * N);
+    const size_t n_agg = p->raw ? 0 : (size_t)(B * A * N);
+    const size_t bytes = align_up(n_part * 4, 256) * 2 + align_up(n_keys * 4, 256) + align_up(n_agg * 4, 256);
+    StreamScratch scratch(st);
+    RPC_CUDA_CHECK(scratch.alloc(bytes), "rpc score: cudaMallocAsync of scratch");
+    unsigned char *base = static_cast<unsigned char *>(scratch.get());
+
+    ScoreArgs a;
+    a.q = p->q;
+    a.k = p->k;
+    for (int d = 0; d < 4; ++d) {
+        a.qs[d] = p->q_stride[d];
+        a.ks[d] = p->k_stride[d];
+    }
+    a.start = p->start;
+    a.N = (int)N;
+    a.R = (int)R;
+    a.D = (int)D;
+    a.G = (int)G;
+    a.Hkv = (int)Hkv;
+    a.Hq = (int)Hq;
+    a.GR = (int)GR;
+    a.QR = (int)QR;
+    a.QG = (int)QG;
+    a.C = (int)C;
+    a.tiles_per_chunk = (int)tpc;
+    const int64_t qshape[4] = {B, Hq, R, D};
+    const int64_t kshape[4] = {B, Hkv, N, D};
+    a.q_vec = vec16_ok(p->q, qshape, p->q_stride, sizeof(T));
+    a.k_vec = vec16_ok(static_cast<const T *>(p->k) + p->start * p->k_stride[2], kshape, p->k_stride, sizeof(T));
+    a.scale2 = (float)((double)p->scale * 1.4426950408889634); /* log2(e) */
+    a.pmax = reinterpret_cast<float *>(base);
+    a.psum = reinterpret_cast<float *>(base + align_up(n_part * 4, 256));
+    a.part = reinterpret_cast<float *>(base + 2 * align_up(n_part * 4, 256));
+    float *agg = p->raw ? p->raw
+                        : reinterpret_cast<float *>(base + 2 * align_up(n_part * 4, 256) + align_up(n_keys * 4, 256));
+
+    RPC_CUDA_CHECK(cudaFuncSetAttribute(score_pass_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem),
+                   "rpc score: cudaFuncSetAttribute");
+    RPC_CUDA_CHECK(cudaFuncSetAttribute(score_pass_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem),
+                   "rpc score: cudaFuncSetAttribute");
+    const dim3 grid((unsigned)(B * Hkv * C), (unsigned)QG);
+    score_pass_kernel<T, false><<<grid, kThreads, smem, st>>>(a);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 1");
+    score_pass_kernel<T, true><<<grid, kThreads, smem, st>>>(a);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 2");
+
+    const int64_t n_out = B * A * N;
+    const unsigned eblocks = (unsigned)ceil_div(n_out, 256);
+    const float heads = (float)(A == 1 ? Hq : G);
+    score_aggregate_kernel<<<eblocks, 256, 0, st>>>(a.part, agg, B, (int)A, (int)Hkv, (int)QG, N, heads);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of aggregation");
+    score_pool_kernel<<<eblocks, 256, 0, st>>>(agg, p->out, B * A, N, p->kernel_size, p->pool == RPC_POOL_MAX);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pooling");
+    RPC_CUDA_CHECK(scratch.release(), "rpc score: cudaFreeAsync of scratch");
+    return RPC_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Selection
+ */
+
+constexpr int kSelThreads = 512;
+constexpr int kSelWarps = kSelThreads / 32;
+
+/* Order-preserving key: larger score -> larger key; every NaN -> 0 (below -inf); -0 -> +0. */
+__device__ __forceinline__ uint32_t score_key(float x) {
+    if (isnan(x)) return 0u;
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) == 0u) u = 0u; /* -0 ties with +0 */
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Exclusive block-wide prefix sum of `v`; *total receives the block sum. Uses `ws` (kSelWarps
+ * ints). Contains barriers: every thread of the block must call it. */
+__device__ __forceinline__ int block_exclusive_scan(int v, int *ws, int *total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) ws[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < kSelWarps ? ws[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        if (lane < kSelWarps) ws[lane] = w; /* inclusive warp totals */
+    }
+    __syncthreads();
+    const int before = (warp > 0 ? ws[warp - 1] : 0) + x - v;
+    *total = ws[kSelWarps - 1];
+    __syncthreads(); /* ws may be reused by the next call */
+    return before;
+}
+
+__global__ void __launch_bounds__(kSelThreads) select_kernel(const float *__restrict__ scores, int64_t N,
+                                                             int64_t keep, int64_t *__restrict__ indices) {
+    __shared__ unsigned int hist[256];
+    __shared__ int ws[kSelWarps];
+    __shared__ uint32_t s_prefix;
+    __shared__ int64_t s_rank;
+
+    const float *row = scores + (int64_t)blockIdx.x * N;
+    int64_t *out = indices + (int64_t)blockIdx.x * keep;
+
+    if (keep == N) { /* everything is kept, in index order */
+        for (int64_t i = threadIdx.x; i < N; i += blockDim.x) out[i] = i;
+        return;
+    }
+
+    /* Radix select, most significant byte first: find the key T of the keep-th largest element
+     * and `need`, the number of elements equal to T that are kept. Counts fit in 32 bits: the
+     * launcher rejects N >= 2^31. */
+    uint32_t prefix = 0, mask = 0;
+    int64_t rank = keep; /* 1-based rank of the threshold among elements matching the prefix */
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+            const uint32_t key = score_key(row[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int64_t above = 0; /* matching elements with a larger digit */
+            int digit = 255;
+            for (; digit > 0; --digit) {
+                if (above + (int64_t)hist[digit] >= rank) break;
+                above += hist[digit];
+            }
+            s_prefix = prefix | ((uint32_t)digit << shift);
+            s_rank = rank - above;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        rank = s_rank;
+        mask |= 255u << shift;
+        __syncthreads(); /* s_prefix/s_rank and hist are rewritten in the next pass */
+    }
+    const uint32_t thresh = prefix;
+    const int64_t need = rank; /* >= 1: elements equal to thresh taken, lowest indices first */
+
+    /* Ordered pass: taken(i) = key > thresh, or key == thresh among the first `need` equal ones.
+     * Output slot of a taken element = #greater before it + min(#equal before it, need). */
+    int64_t gt_before = 0, eq_before = 0;
+    for (int64_t base = 0; base < N; base += blockDim.x) {
+        const int64_t i = base + threadIdx.x;
+        int gt = 0, eq = 0;
+        if (i < N) {
+            const uint32_t key = score_key(row[i]);
+            gt = key > thresh;
+            eq = key == thresh;
+        }
+        int tot = 0;
+        const int packed = block_exclusive_scan(gt | (eq << 16), ws, &tot); /* <= 512 per field */
+        const int64_t gt_ex = gt_before + (packed & 0xffff);
+        const int64_t eq_ex = eq_before + (packed >> 16);
+        if (gt || (eq && eq_ex < need)) out[gt_ex + (eq_ex < need ? eq_ex : need)] = i;
+        gt_before += tot & 0xffff;
+        eq_before += tot >> 16;
+        if (gt_before + (eq_before < need ? eq_before : need) >= keep) break; /* uniform */
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Compaction
+ */
+
+constexpr int kCompactThreads = 256;
+constexpr int kCompactSmem = 32 * 1024;
+
+struct CompactTensor {
+    unsigned char *base;
+    int64_t s0, s1, s2; /* bytes */
+};
+
+struct CompactArgs {
+    CompactTensor t[2]; /* K, V */
+    int H, A;
+    int64_t row_bytes;  /* D * element size */
+    const int64_t *idx;
+    int64_t idx_sb, idx_sa;
+    int64_t start, end, L, keep;
+    int chunk;          /* tokens moved per shared-memory round */
+};
+
+/* One block per (b, h, tensor). Unit = the widest copy type every address allows. */
+template <typename W>
+__global__ void __launch_bounds__(kCompactThreads) compact_kernel(const CompactArgs a) {
+    __shared__ __align__(16) unsigned char buf_raw[kCompactSmem];
+    W *buf = reinterpret_cast<W *>(buf_raw);
+
+    const int64_t bh = blockIdx.x;
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const CompactTensor T = a.t[blockIdx.y];
+    unsigned char *rowbase = T.base + b * T.s0 + h * T.s1;
+    const int per_tok = (int)(a.row_bytes / (int64_t)sizeof(W));
+    const int64_t N = a.end - a.start;
+    const int64_t *idx = a.idx + b * a.idx_sb + (a.A == 1 ? 0 : h) * a.idx_sa;
+
+    /* Kept candidates: destination start + i, source start + idx[i] (idx[i] >= i). */
+    for (int64_t c0 = 0; c0 < a.keep; c0 += a.chunk) {
+        const int64_t c1 = c0 + a.chunk < a.keep ? c0 + a.chunk : a.keep;
+        if (idx[c1 - 1] == c1 - 1) continue; /* ascending + idx[i] >= i: the chunk is in place */
+        const int total = (int)(c1 - c0) * per_tok;
+        for (int e = threadIdx.x; e < total; e += blockDim.x) {
+            const int tk = e / per_tok, u = e - tk * per_tok;
+            const int64_t src = idx[c0 + tk];
+            /* Memory safety against malformed indices (the caller validates them): skip sources
+             * outside the candidate range or below their destination. */
+            if (src >= c0 + tk && src < N)
+                buf[e] = reinterpret_cast<const W *>(rowbase + (a.start + src) * T.s2)[u];
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < total; e += blockDim.x) {
+            const int tk = e / per_tok, u = e - tk * per_tok;
+            const int64_t src = idx[c0 + tk];
+            if (src >= c0 + tk && src < N)
+                reinterpret_cast<W *>(rowbase + (a.start + c0 + tk) * T.s2)[u] = buf[e];
+        }
+        __syncthreads();
+    }
+
+    /* Recent window [end, L) -> [start + keep, ...): sources are above all destinations so far. */
+    const int64_t wlen = a.L - a.end;
+    const int64_t shift = a.end - (a.start + a.keep);
+    if (shift == 0) return;
+    for (int64_t c0 = 0; c0 < wlen; c0 += a.chunk) {
+        const int64_t c1 = c0 + a.chunk < wlen ? c0 + a.chunk : wlen;
+        const int total = (int)(c1 - c0) * per_tok;
+        for (int e = threadIdx.x; e < total; e += blockDim.x) {
+            const int tk = e / per_tok, u = e - tk * per_tok;
+            buf[e] = reinterpret_cast<const W *>(rowbase + (a.end + c0 + tk) * T.s2)[u];
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < total; e += blockDim.x) {
+            const int tk = e / per_tok, u = e - tk * per_tok;
+            reinterpret_cast<W *>(rowbase + (a.start + a.keep + c0 + tk) * T.s2)[u] = buf[e];
+        }
+        __syncthreads();
+    }
+}
+
+template <typename W> int compact_launch(const CompactArgs &a, int64_t rows, cudaStream_t st, char *err) {
+    CompactArgs b = a;
+    b.chunk = (int)(kCompactSmem / a.row_bytes);
+    compact_kernel<W><<<dim3((unsigned)rows, 2), kCompactThreads, 0, st>>>(b);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc compact: kernel launch");
+    return RPC_OK;
+}
+
+} // namespace
+
+/* ================================================================================================
+ * Launchers (rpc.h)
+ */
+
+extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err) {
+    if (!p) return value_error(err, "rpc score (cuda): params is NULL");
+    if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
+        return value_error(err, "rpc score (cuda): dtype must be float32, float16 or bfloat16");
+    if (p->B < 0 || p->Hq < 1 || p->Hkv < 1 || p->R < 1 || p->D < 1)
+        return value_error(err, "rpc score (cuda): sizes must be positive (B >= 0)");
+    if (p->Hq % p->Hkv != 0)
+        return value_error(err, "rpc score (cuda): query heads must be a multiple of KV heads");
+    if (p->start < 0 || p->end <= p->start)
+        return value_error(err, "rpc score (cuda): candidates [start, end) must be non-empty, start >= 0");
+    if (p->kernel_size < 1 || p->kernel_size % 2 == 0)
+        return value_error(err, "rpc score (cuda): kernel_size must be odd and >= 1");
+    if (p->agg != RPC_AGG_ALL && p->agg != RPC_AGG_GROUP)
+        return value_error(err, "rpc score (cuda): unknown aggregation");
+    if (p->pool != RPC_POOL_AVG && p->pool != RPC_POOL_MAX)
+        return value_error(err, "rpc score (cuda): unknown pooling");
+    const int64_t N = p->end - p->start;
+    if (N > INT_MAX / 2 || p->Hq * p->R > INT_MAX / 2 || p->D > 65536)
+        return value_error(err, "rpc score (cuda): sizes too large");
+    if (p->B == 0) return RPC_OK;
+    if (!p->q || !p->k || !p->out) return value_error(err, "rpc score (cuda): NULL tensor pointer");
+
+    DeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "rpc score: cudaSetDevice");
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    switch (p->dtype) {
+    case RPC_F16: return score_launch<__half>(p, N, st, err);
+    case RPC_BF16: return score_launch<__nv_bfloat16>(p, N, st, err);
+    default: return score_launch<float>(p, N, st, err);
+    }
+}
+
+extern "C" int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err) {
+    if (!p) return value_error(err, "rpc select (cuda): params is NULL");
+    if (p->rows < 0 || p->N < 0 || p->keep < 0 || p->keep > p->N)
+        return value_error(err, "rpc select (cuda): need rows >= 0 and 0 <= keep <= N");
+    if (p->N >= INT_MAX || p->rows > INT_MAX)
+        return value_error(err, "rpc select (cuda): rows and N must be below 2^31");
+    if (p->rows == 0 || p->keep == 0) return RPC_OK;
+    if (!p->scores || !p->indices) return value_error(err, "rpc select (cuda): NULL tensor pointer");
+
+    DeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "rpc select: cudaSetDevice");
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    select_kernel<<<(unsigned)p->rows, kSelThreads, 0, st>>>(p->scores, p->N, p->keep, p->indices);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc select: kernel launch");
+    return RPC_OK;
+}
+
+extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err) {
+    if (!p) return value_error(err, "rpc compact (cuda): params is NULL");
+    if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
+        return value_error(err, "rpc compact (cuda): dtype must be float32, float16 or bfloat16");
+    if (p->B < 0 || p->H < 0 || p->L < 0 || p->D < 1)
+        return value_error(err, "rpc compact (cuda): sizes must be non-negative (D >= 1)");
+    if (p->start < 0 || p->start > p->end || p->end > p->L)
+        return value_error(err, "rpc compact (cuda): need 0 <= start <= end <= L");
+    if (p->keep < 0 || p->keep > p->end - p->start)
+        return value_error(err, "rpc compact (cuda): need 0 <= keep <= end - start");
+    if (!(p->A == 1 || p->A == p->H))
+        return value_error(err, "rpc compact (cuda): indices rows A must be 1 or H");
+    if (p->D > 1 && (p->k_stride[3] != 1 || p->v_stride[3] != 1))
+        return value_error(err, "rpc compact (cuda): the head-dim stride of keys and values must be 1");
+    const size_t es = rpc_dtype_size(p->dtype);
+    const int64_t row_bytes = p->D * (int64_t)es;
+    if (row_bytes > kCompactSmem) return value_error(err, "rpc compact (cuda): head dim too large");
+    if (p->B * p->H > INT_MAX) return value_error(err, "rpc compact (cuda): B * H too large");
+    if (p->B == 0 || p->H == 0) return RPC_OK;
+    if (p->keep == p->end - p->start) return RPC_OK; /* indices are 0..keep-1 and the window stays */
+    if (!p->k || !p->v || (p->keep > 0 && !p->indices))
+        return value_error(err, "rpc compact (cuda): NULL tensor pointer");
+
+    CompactArgs a;
+    a.t[0].base = static_cast<unsigned char *>(p->k);
+    a.t[0].s0 = p->k_stride[0] * (int64_t)es;
+    a.t[0].s1 = p->k_stride[1] * (int64_t)es;
+    a.t[0].s2 = p->k_stride[2] * (int64_t)es;
+    a.t[1].base = static_cast<unsigned char *>(p->v);
+    a.t[1].s0 = p->v_stride[0] * (int64_t)es;
+    a.t[1].s1 = p->v_stride[1] * (int64_t)es;
+    a.t[1].s2 = p->v_stride[2] * (int64_t)es;
+    a.H = (int)p->H;
+    a.A = (int)p->A;
+    a.row_bytes = row_bytes;
+    a.idx = p->indices;
+    a.idx_sb = p->idx_stride_b;
+    a.idx_sa = p->idx_stride_a;
+    a.start = p->start;
+    a.end = p->end;
+    a.L = p->L;
+    a.keep = p->keep;
+    a.chunk = 1;
+
+    /* Widest unit that divides the row and every base/stride (strides of size-1 dims unused). */
+    const int64_t sizes[3] = {p->B, p->H, p->L};
+    int64_t g = row_bytes;
+    for (int t = 0; t < 2; ++t) {
+        g |= (int64_t)(uintptr_t)a.t[t].base;
+        const int64_t s[3] = {a.t[t].s0, a.t[t].s1, a.t[t].s2};
+        for (int d = 0; d < 3; ++d)
+            if (sizes[d] > 1) g |= s[d];
+    }
+    DeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "rpc compact: cudaSetDevice");
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    const int64_t rows = p->B * p->H;
+    if (g % 16 == 0) return compact_launch<uint4>(a, rows, st, err);
+    if (g % 8 == 0) return compact_launch<uint2>(a, rows, st, err);
+    if (g % 4 == 0) return compact_launch<uint32_t>(a, rows, st, err);
+    return compact_launch<uint16_t>(a, rows, st, err);
+}
