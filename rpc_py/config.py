@@ -1,0 +1,133 @@
+"""RPCConfig: the hyper-parameters of Reasoning Path Compression, validated once.
+
+The config is a frozen dataclass so that one object can be shared by many generate calls and
+caches without anyone changing it underneath them. Field names follow the paper's meaning with
+readable names: ``interval`` is P, ``window`` is R, ``ratio`` is c. The schedule helpers below are
+the single place that turns those numbers into physical cache lengths; the cache, the capacity
+planning of ``rpc_py.generate`` and the tests all ask these methods instead of re-deriving it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["RPCConfig"]
+
+_POOLINGS = ("avg", "max")
+_AGGREGATIONS = ("all", "group")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    # bool is an int subclass; RPCConfig(window=True) is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"RPCConfig.{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"RPCConfig.{name}: expected an int >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class RPCConfig:
+    """Settings of Reasoning Path Compression (RPC) for one generation.
+
+    Args:
+        interval: P, the number of generated tokens between two compressions of a layer.
+        window: R, the selector window: the last R queries score the candidates, and the last R
+            tokens are always kept.
+        ratio: c, the compression ratio: each compression keeps ``interval // ratio`` tokens per
+            interval generated so far.
+        budget: optional cap on the number of selected (older) generated tokens kept after a
+            compression; the recent window and the prompt are kept in addition. ``None``: no cap.
+        pooling: ``"avg"`` or ``"max"`` 1-D pooling of the scores along the sequence.
+        kernel_size: odd pooling width (stride 1, padding ``kernel_size // 2``).
+        aggregation: ``"all"`` (one kept set per sequence and layer) or ``"group"`` (one per KV head).
+        enabled: ``False`` runs the same cache path without ever compressing (for ablations).
+    """
+
+    interval: int = 4096
+    window: int = 32
+    ratio: int = 4
+    budget: int | None = None
+    pooling: str = "avg"
+    kernel_size: int = 7
+    aggregation: str = "all"
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("interval", self.interval, 1)
+        _check_int("window", self.window, 1)
+        _check_int("ratio", self.ratio, 1)
+        if self.interval < self.ratio:
+            raise ValueError(
+                f"RPCConfig.interval: must be >= ratio so that interval // ratio keeps at least one token, "
+                f"got interval={self.interval}, ratio={self.ratio}"
+            )
+        if self.budget is not None:
+            _check_int("budget", self.budget, 0)
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"RPCConfig.pooling: expected one of {_POOLINGS}, got {self.pooling!r}")
+        _check_int("kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"RPCConfig.kernel_size: expected an odd int, got {self.kernel_size}")
+        if self.aggregation not in _AGGREGATIONS:
+            raise ValueError(f"RPCConfig.aggregation: expected one of {_AGGREGATIONS}, got {self.aggregation!r}")
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"RPCConfig.enabled: expected a bool, got {type(self.enabled).__name__}")
+
+    def __repr__(self) -> str:
+        if not self.enabled:
+            return "RPCConfig(enabled=False)"
+        budget = "" if self.budget is None else f", budget={self.budget}"
+        return (
+            f"RPCConfig(interval={self.interval}, window={self.window}, ratio={self.ratio}{budget}, "
+            f"pooling={self.pooling!r}, kernel_size={self.kernel_size}, aggregation={self.aggregation!r})"
+        )
+
+    def replace(self, **changes) -> "RPCConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def kept_per_interval(self) -> int:
+        """T = P // c: selected tokens added to the kept set by each compression."""
+        return self.interval // self.ratio
+
+    def kept_after(self, compressions: int) -> int:
+        """Number of selected generated tokens kept after ``compressions`` compressions."""
+        kept = compressions * self.kept_per_interval
+        return kept if self.budget is None else min(kept, self.budget)
+
+    def compressions_after(self, generated: int) -> int:
+        """Compressions a layer has done once ``generated`` decoded tokens are in its cache."""
+        first = self.interval + self.window
+        if not self.enabled or generated < first:
+            return 0
+        return 1 + (generated - first) // self.interval
+
+    def physical_length(self, prompt_length: int, generated: int) -> int:
+        """Physical cache length once ``generated`` decoded tokens have been appended after a
+        prompt of ``prompt_length`` tokens (after the compression of that step, if any)."""
+        if generated < 0 or prompt_length < 0:
+            raise ValueError(f"prompt_length and generated must be >= 0, got {prompt_length}, {generated}")
+        n = self.compressions_after(generated)
+        if n == 0:
+            return prompt_length + generated
+        since = self.window + (generated - self.interval - self.window) % self.interval
+        return prompt_length + self.kept_after(n) + since
+
+    def length_schedule(self, prompt_length: int, steps: int) -> list[int]:
+        """Physical length after each of ``steps`` decode steps (entry i: after step i + 1)."""
+        return [self.physical_length(prompt_length, g) for g in range(1, steps + 1)]
+
+    def peak_length(self, prompt_length: int, max_new_tokens: int) -> int:
+        """Largest physical length reached while generating ``max_new_tokens`` tokens: the prompt
+        plus ``max_new_tokens - 1`` decode steps (the last token is never fed back), counted
+        before each compression shrinks the cache."""
+        steps = max(max_new_tokens - 1, 0)
+        peak = self.physical_length(prompt_length, steps)
+        n = self.compressions_after(steps)
+        if n > 0:
+            # Just before compression n the layer held kept_after(n - 1) + P + R generated tokens.
+            peak = max(peak, prompt_length + self.kept_after(n - 1) + self.interval + self.window)
+        return peak

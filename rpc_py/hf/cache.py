@@ -1,0 +1,584 @@
+"""RPCCache: a transformers ``Cache`` whose storage is one ``rpc_py._C.KVCache``.
+
+How the pieces meet:
+
+* Each decoder layer has an ``RPCCacheLayer``. The attention module calls ``update(k, v)``; the layer
+  appends into the C cache (in place, no ``torch.cat``) and returns torch views of the live part of
+  the preallocated storage. The torch view of the whole storage is built once per reallocation
+  (``KVCache.generation`` tells when) and sliced per step.
+* The cache cannot see the queries, so the compression is driven from the attention function
+  registered in ``rpc_py.hf.attention``: ``update`` leaves a per-thread "pending" note naming the
+  layer; the attention function that runs right after it in the same module picks the note up,
+  records the decode query into the C query ring and, when the schedule says so, compresses the
+  layer after attention has used the uncompressed K/V. A layer that never sees its attention hook
+  (the model was not switched to the rpc attention) is detected at its next decode step.
+* Masks stay HF's own: ``get_mask_sizes`` reports the physical length with offset 0. The prompt is
+  never compressed, so its columns (left padding included) sit at the same physical slots as in
+  the 2-D attention mask; every later physical slot holds a generated token whose mask entry is 1,
+  whichever logical position it came from. ``get_seq_length`` reports tokens seen, so positions
+  (RoPE) and the causal offset stay logical. The one thing this cannot express is a multi-token
+  query after a compression (its causal part would be wrong), which is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..config import RPCConfig
+
+__all__ = ["RPCCache", "RPCCacheLayer", "CompressionEvent", "RPCStats"]
+
+_KVCACHE_CLASS = None  # resolved on first use; tests may substitute a stand-in
+
+
+def _kvcache_class():
+    global _KVCACHE_CLASS
+    if _KVCACHE_CLASS is None:
+        from .. import _C
+
+        _KVCACHE_CLASS = _C.KVCache
+    return _KVCACHE_CLASS
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# The note left by RPCCacheLayer.update for the attention function of the same layer.
+_PENDING = threading.local()
+
+
+def take_pending(layer_idx) -> "RPCCacheLayer | None":
+    """Return (and clear) the layer whose update ran just before this attention call, if it is
+    ``layer_idx``. Used by the rpc attention functions."""
+    layer = getattr(_PENDING, "layer", None)
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    _PENDING.layer = None
+    return layer
+
+
+def clear_pending(cache: "RPCCache | None" = None) -> None:
+    """Drop this thread's pending note (all of it, or only if it belongs to ``cache``), so that no
+    reference to a finished cache outlives its generate call."""
+    layer = getattr(_PENDING, "layer", None)
+    if layer is not None and (cache is None or layer.cache is cache):
+        _PENDING.layer = None
+
+
+def _stream_of(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return None
+
+
+def _to_torch(x):
+    """Details from KVCache.compress are NumPy arrays (CPU) or DLPack views (CUDA)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.from_dlpack(x)
+    except (TypeError, AttributeError, RuntimeError, BufferError):
+        return torch.as_tensor(x)
+
+
+@dataclasses.dataclass
+class CompressionEvent:
+    """What a compression saw and did; handed to ``RPCCache.compression_hook`` (debugging, tests).
+
+    ``keys``/``values`` are copies of the layer's live K/V right before the compression,
+    ``queries`` the selector queries (the ring, ``[B, Hq, R, D]``, order inside irrelevant),
+    ``indices`` the kept candidate offsets from ``start`` (``[B, A, keep]``), ``scores`` the pooled
+    scores ``[B, A, N]``.
+    """
+
+    layer: int
+    generated: int
+    start: int
+    keep: int
+    length_before: int
+    length_after: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    scores: torch.Tensor
+    indices: torch.Tensor
+
+
+@dataclasses.dataclass
+class RPCStats:
+    """Counters of one RPCCache (a snapshot).
+
+    ``tokens_seen``: tokens that entered each layer (prompt with its padding, plus decoded
+    tokens). ``tokens_kept``: physical length of each layer now. ``compressions``: per layer.
+    ``kv_bytes``/``peak_kv_bytes``: bytes allocated by the C cache (K, V and query rings) now and
+    at most. ``live_kv_bytes``: bytes of the K/V tokens actually held. ``compress_seconds``: time
+    spent compressing (device time via CUDA events on GPU, host time on CPU).
+    """
+
+    rpc: RPCConfig
+    batch_size: int
+    prompt_length: int
+    generated: int
+    tokens_seen: list[int]
+    tokens_kept: list[int]
+    compressions: list[int]
+    kv_bytes: int
+    peak_kv_bytes: int
+    live_kv_bytes: int
+    compress_seconds: float
+
+    @property
+    def total_compressions(self) -> int:
+        return sum(self.compressions)
+
+    @property
+    def kept_fraction(self) -> float:
+        seen = sum(self.tokens_seen)
+        return sum(self.tokens_kept) / seen if seen else 1.0
+
+    def summary(self) -> str:
+        layers = len(self.tokens_seen)
+        seen = self.tokens_seen[0] if layers else 0
+        kept = self.tokens_kept[0] if layers else 0
+        lines = [
+            f"RPC cache summary ({self.rpc!r})",
+            f"  batch {self.batch_size}, {layers} layers, prompt {self.prompt_length} tokens, "
+            f"{self.generated} decode steps",
+            f"  tokens per layer: seen {seen}, kept {kept} ({100.0 * self.kept_fraction:.1f}%)",
+            f"  compressions: {self.total_compressions} "
+            f"({self.compressions[0] if layers else 0} per layer), {1e3 * self.compress_seconds:.2f} ms",
+            f"  KV memory: {_fmt_bytes(self.live_kv_bytes)} live, {_fmt_bytes(self.kv_bytes)} allocated, "
+            f"peak {_fmt_bytes(self.peak_kv_bytes)}",
+        ]
+        return "\n".join(lines)
+
+
+def _int_attr(obj, name: str) -> int:
+    if obj is None:
+        return 0
+    value = getattr(obj, name)
+    return int(value() if callable(value) else value)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024.0
+    return f"{n} B"
+
+
+class RPCCacheLayer(CacheLayerMixin):
+    """One decoder layer's view of the shared C KVCache, plus that layer's RPC schedule state."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, cache: "RPCCache", layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self._reset_state()
+
+    # CacheLayerMixin stores tensors in .keys/.values; here they are live views of the C storage.
+    @property
+    def keys(self):
+        return None if not self.is_initialized else self._k_store[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value):
+        if value is not None:
+            raise AttributeError("RPCCacheLayer.keys is a view of the C KVCache and cannot be assigned")
+
+    @property
+    def values(self):
+        return None if not self.is_initialized else self._v_store[:, :, : self.length]
+
+    @values.setter
+    def values(self, value):
+        if value is not None:
+            raise AttributeError("RPCCacheLayer.values is a view of the C KVCache and cannot be assigned")
+
+    def _reset_state(self) -> None:
+        self.is_initialized = False
+        self.device = None
+        self.length = 0  # physical tokens (mirror of KVCache.length)
+        self.seen = 0  # tokens seen (mirror of KVCache.seen)
+        self.prompt_length = 0  # Lp: the uncompressed prefix
+        self.generated = 0  # decode steps appended
+        self.decoding = False
+        self.compressions = 0
+        self.kept = 0  # selected generated tokens kept by the last compression
+        self.compress_due = False
+        self.awaiting_attention = False
+        self._k_store = self._v_store = None
+        self._generation = None
+
+    def __repr__(self) -> str:
+        return f"RPCCacheLayer({self.layer_idx}, length={self.length}, seen={self.seen})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.cache._ensure_kvcache(key_states)
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def _views(self):
+        kv = self.cache.kvcache
+        gen = kv.generation(self.layer_idx)
+        if gen != self._generation:
+            self._k_store = torch.from_dlpack(kv.storage_keys(self.layer_idx))
+            self._v_store = torch.from_dlpack(kv.storage_values(self.layer_idx))
+            self._generation = gen
+        return self._k_store[:, :, : self.length], self._v_store[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        cache = self.cache
+        rpc = cache.rpc
+        if cache.closed:
+            raise ValueError("RPCCache is closed (released after generate); create a new RPCCache")
+        if self.awaiting_attention:
+            raise RuntimeError(
+                f"RPCCache layer {self.layer_idx}: the previous decode step ran without the RPC attention "
+                "function, so no query was recorded and no compression could run. Run the model through "
+                "rpc_py.generate / rpc_py.compress, or set attn_implementation to 'rpc_sdpa' or 'rpc_eager'."
+            )
+        q = key_states.shape[-2]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+
+        # The prompt (possibly in chunks) is every update before the first single-token step.
+        is_prompt = self.seen == 0 or (not self.decoding and q > 1)
+        if not is_prompt and q != 1:
+            raise NotImplementedError(
+                f"RPCCache decodes one token per step; layer {self.layer_idx} got {q} new tokens after decoding "
+                "started (assisted/speculative decoding and continuing from a used cache are not supported)"
+            )
+
+        stream = _stream_of(key_states)
+        self.length = cache.kvcache.append(self.layer_idx, key_states, value_states, stream=stream)
+        self.seen += q
+        if is_prompt:
+            self.prompt_length += q  # never compressed
+        else:
+            self.decoding = True
+            self.generated += 1
+
+        if self.decoding and rpc.enabled:
+            m = self.length - self.prompt_length - self.kept
+            limit = rpc.interval + rpc.window
+            if m > limit:  # cannot happen unless the state was corrupted; never compress silently late
+                raise RuntimeError(f"RPCCache layer {self.layer_idx}: missed a compression (m={m} > P+R={limit})")
+            self.compress_due = m == limit
+            self.awaiting_attention = True
+            _PENDING.layer = self
+        return self._views()
+
+    def after_attention(self, query: torch.Tensor) -> None:
+        """Called by the rpc attention function after attention ran on this step's K/V."""
+        self.awaiting_attention = False
+        rpc = self.cache.rpc
+        kv = self.cache.kvcache
+        stream = _stream_of(query)
+        m = self.length - self.prompt_length - self.kept
+        # Only the last R queries before a compression are ever scored; skip the others.
+        if query.shape[-2] == 1 and m > rpc.interval:
+            kv.record_query(self.layer_idx, query, stream=stream)
+        if self.compress_due:
+            self._compress(stream)
+
+    def _compress(self, stream) -> None:
+        cache = self.cache
+        rpc = cache.rpc
+        kv = cache.kvcache
+        i = self.layer_idx
+        keep = rpc.kept_after(self.compressions + 1)
+        start = self.prompt_length
+        hook = cache.compression_hook
+        length_before = self.length
+        if hook is not None:
+            k_before, v_before = (t.clone() for t in self._views())
+            queries = torch.from_dlpack(kv.queries(i)).clone()
+        timer = cache._timer_start(self.device)
+        result = kv.compress(
+            i,
+            start,
+            keep,
+            aggregation=rpc.aggregation,
+            pooling=rpc.pooling,
+            kernel_size=rpc.kernel_size,
+            stream=stream,
+            return_details=hook is not None,
+        )
+        cache._timer_stop(timer)
+        new_length = result[0] if hook is not None else result
+        expected = start + keep + rpc.window
+        if new_length != expected:
+            raise RuntimeError(
+                f"RPCCache layer {i}: KVCache.compress returned length {new_length}, expected {expected}"
+            )
+        self.length = new_length
+        self.compressions += 1
+        self.kept = keep
+        self.compress_due = False
+        if hook is not None:
+            hook(
+                CompressionEvent(
+                    layer=i,
+                    generated=self.generated,
+                    start=start,
+                    keep=keep,
+                    length_before=length_before,
+                    length_after=new_length,
+                    keys=k_before,
+                    values=v_before,
+                    queries=queries,
+                    scores=_to_torch(result[1]).clone(),
+                    indices=_to_torch(result[2]).clone(),
+                )
+            )
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_state()
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError(_NO_BEAMS)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise NotImplementedError("RPCCache cannot be cropped (compression already dropped tokens)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError(_NO_BEAMS)
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError(_NO_BEAMS)
+
+    def offload(self):
+        raise NotImplementedError("RPCCache does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("RPCCache does not support offloading")
+
+
+_NO_BEAMS = (
+    "RPCCache does not support beam search, contrastive search or other batch reordering: "
+    "use greedy decoding or sampling (num_beams=1)"
+)
+
+
+class RPCCache(Cache):
+    """A transformers ``Cache`` that compresses the generated part of the KV cache with RPC.
+
+    Args:
+        config: the model (or its config); the decoder's ``num_hidden_layers`` and
+            ``num_attention_heads`` are read from it.
+        rpc: an ``RPCConfig``; ``None`` keeps every token (same code path, no compression).
+        capacity: tokens to preallocate per layer (``0``: grow on demand). Growth stays allowed.
+        padding: per-sequence left-padding counts of the prompt (informational for the C cache;
+            the prompt is never scored). A shorter list is repeated to the batch size
+            (``num_return_sequences``).
+
+    The model must run with the rpc attention function (``rpc_py.generate`` / ``rpc_py.compress``
+    do this), which records the selector queries and triggers compression.
+    """
+
+    def __init__(
+        self,
+        config,
+        rpc: RPCConfig | None = RPCConfig(),
+        *,
+        capacity: int = 0,
+        padding: Sequence[int] | torch.Tensor | None = None,
+    ):
+        config = getattr(config, "config", config)  # accept a model
+        if not hasattr(config, "get_text_config"):
+            raise TypeError(f"RPCCache: config: expected a transformers model or config, got {type(config).__name__}")
+        text = config.get_text_config(decoder=True)
+        if rpc is None:
+            rpc = RPCConfig(enabled=False)
+        if not isinstance(rpc, RPCConfig):
+            raise TypeError(f"RPCCache: rpc: expected an RPCConfig or None, got {type(rpc).__name__}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"RPCCache: capacity: expected an int >= 0, got {capacity!r}")
+        self.rpc = rpc
+        self.num_layers = int(text.num_hidden_layers)
+        self.num_q_heads = int(text.num_attention_heads)
+        self.capacity = capacity
+        self.padding = None if padding is None else [int(p) for p in torch.as_tensor(padding).reshape(-1).tolist()]
+        self.kvcache = None
+        self.closed = False
+        self.compression_hook = None  # callable(CompressionEvent), for debugging and tests
+        self._timings: list = []  # floats (CPU) or (start, end) CUDA event pairs
+        self._final_stats: RPCStats | None = None
+        super().__init__(layers=[RPCCacheLayer(self, i) for i in range(self.num_layers)])
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"length={self.get_physical_length()}, seen={self.get_seq_length()}"
+        return f"RPCCache({self.num_layers} layers, {state}, rpc={self.rpc!r})"
+
+    # ------------------------------------------------------------------ C cache management
+    def _ensure_kvcache(self, key_states: torch.Tensor) -> None:
+        if self.kvcache is not None:
+            return
+        if key_states.dim() != 4:
+            raise ValueError(
+                f"RPCCache: key_states: expected [batch, kv_heads, tokens, head_dim], got {tuple(key_states.shape)}"
+            )
+        dtype = _DTYPE_NAMES.get(key_states.dtype)
+        if dtype is None:
+            raise ValueError(
+                f"RPCCache: key_states: expected dtype float32, float16 or bfloat16, got {key_states.dtype}"
+            )
+        batch, kv_heads, _, head_dim = key_states.shape
+        if self.num_q_heads % kv_heads != 0:
+            raise ValueError(
+                f"RPCCache: num_attention_heads ({self.num_q_heads}) is not a multiple of the key heads ({kv_heads})"
+            )
+        self.kvcache = _kvcache_class()(
+            self.num_layers,
+            batch,
+            kv_heads,
+            head_dim,
+            dtype,
+            capacity=self.capacity,
+            fixed_capacity=False,
+            window=self.rpc.window if self.rpc.enabled else 0,
+            q_heads=self.num_q_heads,
+        )
+        if self.padding is not None:
+            padding = self.padding
+            if len(padding) != batch:
+                if len(padding) == 0 or batch % len(padding) != 0:
+                    raise ValueError(
+                        f"RPCCache: padding: expected {batch} per-sequence counts (the batch), got {len(padding)}"
+                    )
+                padding = [p for p in padding for _ in range(batch // len(padding))]
+            self.kvcache.set_padding(padding)
+        self.batch_size_ = batch
+
+    def _timer_start(self, device):
+        if device is not None and device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(device))
+            return ("cuda", start, end, device)
+        return ("cpu", time.perf_counter())
+
+    def _timer_stop(self, timer) -> None:
+        if timer[0] == "cuda":
+            _, start, end, device = timer
+            end.record(torch.cuda.current_stream(device))
+            self._timings.append((start, end))
+        else:
+            self._timings.append(time.perf_counter() - timer[1])
+
+    def _compress_seconds(self) -> float:
+        total = 0.0
+        for t in self._timings:
+            if isinstance(t, tuple):
+                t[1].synchronize()
+                total += t[0].elapsed_time(t[1]) / 1e3
+            else:
+                total += t
+        return total
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def prompt_length(self) -> int:
+        return self.layers[0].prompt_length
+
+    def get_physical_length(self, layer_idx: int = 0) -> int:
+        """Tokens physically held by a layer now (``get_seq_length`` counts tokens seen)."""
+        return self.layers[layer_idx].length
+
+    def compressions(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].compressions
+
+    def stats(self) -> RPCStats:
+        """A snapshot of the counters (still available after ``release``)."""
+        if self._final_stats is not None:
+            return self._final_stats
+        kv = self.kvcache
+        live = 0
+        if kv is not None:
+            for layer in self.layers:
+                if layer.is_initialized:
+                    k = layer._k_store
+                    live += 2 * k.shape[0] * k.shape[1] * layer.length * k.shape[3] * k.element_size()
+        return RPCStats(
+            rpc=self.rpc,
+            batch_size=getattr(self, "batch_size_", 0),
+            prompt_length=self.layers[0].prompt_length,
+            generated=self.layers[0].generated,
+            tokens_seen=[layer.seen for layer in self.layers],
+            tokens_kept=[layer.length for layer in self.layers],
+            compressions=[layer.compressions for layer in self.layers],
+            kv_bytes=_int_attr(kv, "nbytes"),
+            peak_kv_bytes=_int_attr(kv, "peak_nbytes"),
+            live_kv_bytes=live,
+            compress_seconds=self._compress_seconds(),
+        )
+
+    def summary(self) -> str:
+        return self.stats().summary()
+
+    def release(self) -> None:
+        """Free the C storage, keeping the statistics. Later updates raise. Idempotent."""
+        if self.closed:
+            return
+        clear_pending(self)
+        self._final_stats = self.stats()
+        for layer in self.layers:
+            layer._k_store = layer._v_store = None
+            layer._generation = None
+            layer.is_initialized = False
+        if self.kvcache is not None:
+            self.kvcache.close()
+        self.kvcache = None
+        self.closed = True
+
+    close = release
+
+    def reset(self) -> None:
+        """Forget all tokens (keeps the allocations) so the cache can serve a new prompt."""
+        if self.closed:
+            raise ValueError("RPCCache is closed (released after generate); create a new RPCCache")
+        if self.kvcache is not None:
+            self.kvcache.reset()
+        for layer in self.layers:
+            initialized = layer.is_initialized
+            store = (layer._k_store, layer._v_store, layer._generation, layer.device)
+            layer.reset()
+            if initialized:  # the C storage survives a reset; keep the torch views of it
+                layer._k_store, layer._v_store, layer._generation, layer.device = store
+                layer.is_initialized = True
+        self._timings = []
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError(_NO_BEAMS)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError(_NO_BEAMS)
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError(_NO_BEAMS)
