@@ -12,6 +12,7 @@ re-exports the core types and says which backends this build and this machine pr
 
 from rpc_py import _C
 from rpc_py._C import KVCache, Storage, View
+from rpc_py.config import RPCConfig
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,22 @@ def _features() -> frozenset:
 
 backend_features = _features()
 
-__all__ = ["KVCache", "View", "Storage", "backend_features", "cuda_available", "__version__"]
+# The transformers integration needs torch and transformers (the `hf` extra); it is imported on first
+# use so that `import rpc_py` works with NumPy alone.
+_HF_NAMES = ("RPCCache", "RPCStats", "RPCHandle", "CompressionEvent", "generate", "compress", "last_cache")
+
+
+def __getattr__(name):
+    if name in _HF_NAMES:
+        from rpc_py import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'rpc_py' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HF_NAMES))
+
+
+__all__ = ["KVCache", "View", "Storage", "RPCConfig", "backend_features", "cuda_available", "__version__",
+           *_HF_NAMES]
