@@ -107,3 +107,24 @@ int rpc_cuda_stream_synchronize(int device, void *stream, char *err) {
     (void)stream;
     return not_built("stream_synchronize", err);
 }
+
+int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("decode_attention", err);
+}
+
+int rpc_cuda_append_at_length(int device, const rpc_append_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("append_at_length", err);
+}
+
+int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("ring_write", err);
+}

@@ -753,6 +753,55 @@ static PyObject *kvcache_device_lengths(PyObject *op, PyObject *layer_obj) {
     return result;
 }
 
+/* Host bookkeeping for tokens and queries that kernels wrote on their own (decode_binding.c's
+ * append_at_length and ring_write, e.g. replayed from a CUDA graph): those already advanced the device
+ * lengths and filled the storage, so this only moves the host counters; no copy, no device update. */
+static PyObject *kvcache_advance(PyObject *op, PyObject *args, PyObject *kwargs) {
+    KVCacheObject *self = (KVCacheObject *)op;
+    static char *kwlist[] = {"layer", "tokens", "queries", NULL};
+    PyObject *layer_obj;
+    long long tokens, queries = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL|L:advance", kwlist, &layer_obj, &tokens, &queries)) {
+        return NULL;
+    }
+    ENTER(self);
+    PyObject *result = NULL;
+    int64_t layer;
+    if (parse_layer(self, layer_obj, &layer) < 0) {
+        goto done;
+    }
+    rpc_layer *ly = &self->layers[layer];
+    if (tokens < 0 || queries < 0) {
+        PyErr_Format(PyExc_ValueError, "tokens, queries: expected ints >= 0, got %lld, %lld", tokens, queries);
+        goto done;
+    }
+    if (ly->storage == NULL) {
+        PyErr_Format(PyExc_ValueError, "layer: layer %lld has no storage yet (append or allocate first)",
+                     (long long)layer);
+        goto done;
+    }
+    if (tokens > ly->cap - ly->length) {
+        PyErr_Format(PyExc_ValueError, "tokens: layer %lld holds %lld of %lld tokens, cannot advance by %lld",
+                     (long long)layer, (long long)ly->length, (long long)ly->cap, tokens);
+        goto done;
+    }
+    if (queries > 0 && (self->window <= 0 || ly->qstorage == NULL)) {
+        PyErr_Format(PyExc_ValueError, "queries: layer %lld has no query ring (window=%lld; record_query first)",
+                     (long long)layer, (long long)self->window);
+        goto done;
+    }
+    ly->length += tokens;
+    ly->seen += tokens;
+    if (queries > 0) {
+        ly->q_recorded += queries;
+        ly->q_pos = (ly->q_pos + queries) % self->window;
+    }
+    result = Py_BuildValue("(LL)", (long long)ly->length, (long long)ly->q_pos);
+done:
+    cache_leave(self);
+    return result;
+}
+
 /* ------------------------------------------------------------------ padding */
 
 static PyObject *kvcache_set_padding(PyObject *op, PyObject *counts) {
@@ -1274,6 +1323,9 @@ static PyMethodDef kvcache_methods[] = {
     {"capacity", kvcache_capacity, METH_O, "capacity(layer) -> tokens the layer can hold without growing."},
     {"generation", kvcache_generation, METH_O, "generation(layer) -> count of (re)allocations."},
     {"device", kvcache_device, METH_O, "device(layer) -> 'cpu', 'cuda:N' or None if not placed yet."},
+    {"advance", KW kvcache_advance, METH_VARARGS | METH_KEYWORDS,
+     "advance(layer, tokens, queries=0) -> (length, ring_position): host bookkeeping for tokens/queries that\n"
+     "kernels already wrote (append_at_length, ring_write); no copy and no device update."},
     {"device_lengths", kvcache_device_lengths, METH_O,
      "device_lengths(layer) -> View int64[2] {length, seen} on the layer's device."},
     {"set_padding", kvcache_set_padding, METH_O, "set_padding(counts): left-padding tokens per sequence."},

@@ -205,6 +205,9 @@ static int rpc_module_exec(PyObject *module) {
     if (rpc_ops_register(module) < 0) {
         return -1;
     }
+    if (rpc_decode_register(module) < 0) {
+        return -1;
+    }
     return 0;
 }
 

@@ -66,5 +66,6 @@ int rpc_raise_status_int(int status, const char *err); /* same, returns -1 */
 int rpc_bridge_register(PyObject *module, rpc_module_state *st);  /* dlpack_bridge.c: Storage, View */
 int rpc_kvcache_register(PyObject *module, rpc_module_state *st); /* kvcache.c: KVCache */
 int rpc_ops_register(PyObject *module);                           /* ops_binding.c: score/select/compact */
+int rpc_decode_register(PyObject *module);                        /* decode_binding.c: decode step */
 
 #endif /* RPC_PY_PYRPC_H */

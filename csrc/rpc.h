@@ -138,6 +138,79 @@ int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *
 int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err);
 int rpc_cuda_stream_synchronize(int device, void *stream, char *err);
 
+
+/* ---------------------------------------------------------------- decode (decode_cpu.c, decode_cuda.cu)
+ * Capture-friendly decode step: every position these kernels use is read from a `lengths` array
+ * (a KVCache layer's device_lengths: int64 {length, seen}) in the memory of the kernel's device, never
+ * passed from the host, so one launch sequence recorded in a CUDA graph stays right while the cache
+ * grows and is compacted in place between replays. */
+
+/* Decode attention: one query token per sequence against the live keys [pad_b, lengths[0]) of each
+ * sequence b (left padding masked, the rest of the capacity ignored). GQA: query head h reads KV head
+ * h / (Hq / Hkv). A sequence with no live key gets a zero output. */
+typedef struct {
+    const void *q;            /* [B, Hq, D] (the q_len = 1 token), strides q_stride */
+    const void *k, *v;        /* [B, Hkv, cap, D], strides k_stride / v_stride; D stride 1 */
+    void *out;                /* [B, Hq, D], strides out_stride; written */
+    rpc_dtype dtype;          /* shared by q, k, v and out: F32, F16 or BF16 */
+    int64_t B, Hq, Hkv, D, cap;
+    int64_t q_stride[3], out_stride[3], k_stride[4], v_stride[4]; /* elements */
+    const int64_t *lengths;   /* lengths[0] = live length (clamped to cap); on the kernel's device */
+    const int64_t *padding;   /* [B] left-padding counts on the kernel's device, or NULL (none) */
+    float scale;              /* logit scale, usually 1/sqrt(D) */
+    int64_t splits;           /* CUDA: sequence splits per (b, kv head); from rpc_decode_splits. CPU: unused */
+    float *workspace;         /* CUDA: rpc_decode_workspace_floats(...) floats; CPU: unused (may be NULL) */
+} rpc_decode_params;
+
+/* Default number of sequence splits for the CUDA decode kernel: enough blocks to fill a large GPU
+ * (about 1024 per launch) without splitting below 64 tokens of capacity. A pure function of the shape
+ * so that Python can size the workspace once, before capture. */
+static inline int64_t rpc_decode_splits(int64_t B, int64_t Hq, int64_t Hkv, int64_t cap) {
+    int64_t groups = (Hq / (Hkv > 0 ? Hkv : 1) + 7) / 8; /* blocks per KV head (8 query heads each) */
+    int64_t blocks = B * Hkv * (groups > 0 ? groups : 1);
+    int64_t s = (1024 + blocks - 1) / (blocks > 0 ? blocks : 1);
+    int64_t most = (cap + 63) / 64;
+    if (s > most) s = most;
+    if (s > 1024) s = 1024;
+    return s < 1 ? 1 : s;
+}
+
+/* Floats of workspace the CUDA decode kernel needs: per (b, query head, split) D partial sums, max, sum. */
+static inline int64_t rpc_decode_workspace_floats(int64_t B, int64_t Hq, int64_t D, int64_t splits) {
+    return B * Hq * splits * (D + 2);
+}
+
+/* Append t tokens at the position lengths[0], then lengths[0] += t and lengths[1] += t (on the device).
+ * Tokens that would land at or past `cap` are not written and the lengths stay unchanged: the
+ * caller (which knows the schedule) must keep the cache within capacity. */
+typedef struct {
+    void *k_dst, *v_dst;          /* [B, H, cap, D] storage, strides dst_stride (shared by K and V) */
+    const void *k_src, *v_src;    /* [B, H, t, D], strides k_src_stride / v_src_stride */
+    rpc_dtype dtype;
+    int64_t B, H, t, D, cap;
+    int64_t dst_stride[4], k_src_stride[4], v_src_stride[4]; /* elements */
+    int64_t *lengths;             /* {length, seen}, read and updated */
+} rpc_append_params;
+
+/* Query ring write: token i of q (i < t <= window) goes to slot (lengths[1] + offset + i) mod window.
+ * lengths is only read. `offset` lets the caller continue the ring where the host left it. */
+typedef struct {
+    void *ring;                   /* [B, Hq, window, D], strides ring_stride */
+    const void *q;                /* [B, Hq, t, D], strides q_stride */
+    rpc_dtype dtype;
+    int64_t B, Hq, t, D, window, offset;
+    int64_t ring_stride[4], q_stride[4];
+    const int64_t *lengths;
+} rpc_ring_params;
+
+int rpc_cpu_decode_attention(const rpc_decode_params *p, char *err);
+int rpc_cpu_decode_attention_scalar(const rpc_decode_params *p, char *err); /* plain reference, for tests */
+int rpc_cpu_append_at_length(const rpc_append_params *p, char *err);
+int rpc_cpu_ring_write(const rpc_ring_params *p, char *err);
+int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stream, char *err);
+int rpc_cuda_append_at_length(int device, const rpc_append_params *p, void *stream, char *err);
+int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -377,6 +377,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                 raise RuntimeError(f"static decode: step {s} would overflow the capacity {static.capacity}")
             if capture and graph is None and s >= warmup_steps:
                 static.check_not_moved()
+                side.wait_stream(torch.cuda.current_stream(device))
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=side):
                     step()
@@ -384,6 +385,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             if graph is not None:
                 graph.replay()
             elif side is not None:
+                side.wait_stream(torch.cuda.current_stream(device))  # ids written by the sampler
                 with torch.cuda.stream(side):
                     step()
                 torch.cuda.current_stream(device).wait_stream(side)

@@ -1,0 +1,508 @@
+/* decode_cuda.cu: CUDA kernels of the capture-friendly decode step (contracts in rpc.h, "decode").
+ *
+ * Nothing here takes a position from the host: the live length and the tokens seen are read from
+ * the layer's device `lengths` ({length, seen}) when the kernel runs, so a launch sequence recorded
+ * once in a CUDA graph stays right while the cache grows by one token per replay and is compacted
+ * in place between replays. Every launch goes on the caller's stream and is checked.
+ *
+ * Decode attention (one query token, q_len = 1) is split along the sequence, flash-decoding style:
+ *   1. split kernel, grid (splits, Hkv * head_groups, B), 128 threads. A block owns one KV head of one
+ *      sequence, up to GM of that head's query heads (GQA: K and V are read once for all of them) and
+ *      one contiguous chunk of the live keys. The chunk size is computed on the device from the live
+ *      length (ceil(live / splits), at least 64 keys), so every block has similar work whatever the
+ *      length and blocks past the end retire at once. A warp takes 32 / (D / 8) keys per step, each key
+ *      read by D / 8 lanes as 16-byte words (8 elements per lane); the dot product is reduced over
+ *      those lanes with shuffles. Each lane group keeps an online softmax (running max m, sum l,
+ *      unnormalised accumulator) in base-2 (exp2f with log2(e) folded into the query). Groups are
+ *      merged with a shuffle butterfly, warps through shared memory; the block writes its partial
+ *      (acc[D], m, l) per query head into the workspace.
+ *   2. combine kernel, one block per (b, query head): rescales the partials to the global max and
+ *      divides by the global sum. Empty partials (m = -inf) are skipped, so a fully masked sequence
+ *      gets zeros, as in the CPU kernels.
+ * Left padding: keys [0, padding[b]) are never read. Supported: head_dim 64, 128 or 256; K/V rows
+ * aligned to 16 bytes (the KVCache layout always is); any number of query heads per KV head.
+ *
+ * append_at_length writes the step's K/V rows at lengths[0] (a second one-thread kernel then bumps
+ * both counters, so that no block can see a half-updated length); ring_write puts query token i in
+ * slot (lengths[1] + offset + i) mod window.
+ */
+#include "rpc.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int64_t kMinChunk = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+
+int cuda_fail(char *err, const char *what, cudaError_t e) {
+    snprintf(err, RPC_ERR_LEN, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+    (void)cudaGetLastError();
+    return RPC_ERR_CUDA;
+}
+
+int value_fail(char *err, const char *msg) {
+    snprintf(err, RPC_ERR_LEN, "%s", msg);
+    return RPC_ERR_VALUE;
+}
+
+#define DEC_CUDA_CHECK(call, what)                                                                 \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) return cuda_fail(err, (what), e_);                                  \
+    } while (0)
+
+/* Switches to `device` for the lifetime of the object and back to the caller's device. */
+class DecodeDeviceGuard {
+  public:
+    DecodeDeviceGuard() = default;
+    DecodeDeviceGuard(const DecodeDeviceGuard &) = delete;
+    DecodeDeviceGuard &operator=(const DecodeDeviceGuard &) = delete;
+    cudaError_t enter(int device) {
+        cudaError_t e = cudaGetDevice(&prev_);
+        if (e != cudaSuccess) return e;
+        if (prev_ != device) {
+            e = cudaSetDevice(device);
+            if (e != cudaSuccess) return e;
+            switched_ = true;
+        }
+        return cudaSuccess;
+    }
+    ~DecodeDeviceGuard() {
+        if (switched_) (void)cudaSetDevice(prev_);
+    }
+
+  private:
+    int prev_ = 0;
+    bool switched_ = false;
+};
+
+/* ------------------------------------------------------------------ element access */
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+/* Eight consecutive elements (16-byte aligned for 2-byte types, 32-byte for float) as floats. */
+__device__ __forceinline__ void load8(const float *p, float *x) {
+    const float4 a = reinterpret_cast<const float4 *>(p)[0];
+    const float4 b = reinterpret_cast<const float4 *>(p)[1];
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+}
+
+__device__ __forceinline__ void load8(const __half *p, float *x) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __half2 h;
+        memcpy(&h, &w[i], sizeof h);
+        const float2 f = __half22float2(h);
+        x[2 * i] = f.x;
+        x[2 * i + 1] = f.y;
+    }
+}
+
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *x) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        /* bf16 -> float is a 16-bit shift: low half is element 2i, high half element 2i+1. */
+        x[2 * i] = __uint_as_float(w[i] << 16);
+        x[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+/* ------------------------------------------------------------------ decode attention */
+
+struct DecodeArgs {
+    const void *q, *k, *v;
+    void *out;
+    float *ws_acc, *ws_m, *ws_l; /* [B, Hq, splits, D], [B, Hq, splits], [B, Hq, splits] */
+    const int64_t *lengths, *padding;
+    int64_t B, Hq, Hkv, G, groups, cap, splits;
+    int64_t qs0, qs1, qs2, os0, os1, os2;
+    int64_t ks0, ks1, ks2, vs0, vs1, vs2;
+    float scale_log2; /* scale * log2(e) */
+};
+
+template <typename T, int D, int GM>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeArgs a) {
+    constexpr int LPT = D / 8;    /* lanes per key */
+    constexpr int TPW = 32 / LPT; /* keys per warp step */
+    const int64_t split = blockIdx.x;
+    const int64_t kh = blockIdx.y / a.groups;
+    const int64_t g0 = (blockIdx.y % a.groups) * GM;
+    const int64_t b = blockIdx.z;
+    const int gcount = (int)(a.G - g0 < GM ? a.G - g0 : GM);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int grp = lane / LPT, d0 = (lane % LPT) * 8;
+
+    int64_t live = a.lengths[0];
+    live = live < 0 ? 0 : (live > a.cap ? a.cap : live);
+    int64_t pad = a.padding != nullptr ? a.padding[b] : 0;
+    pad = pad < 0 ? 0 : (pad > live ? live : pad);
+    int64_t chunk = (live + a.splits - 1) / a.splits;
+    chunk = chunk < kMinChunk ? kMinChunk : chunk;
+    int64_t t0 = split * chunk;
+    int64_t t1 = t0 + chunk < live ? t0 + chunk : live;
+    t0 = t0 > pad ? t0 : pad;
+
+    float q[GM][8], acc[GM][8], m[GM], l[GM];
+#pragma unroll
+    for (int g = 0; g < GM; g++) {
+        const int64_t h = kh * a.G + g0 + (g < gcount ? g : 0);
+        const T *qp = static_cast<const T *>(a.q) + b * a.qs0 + h * a.qs1;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            q[g][i] = to_float(qp[(d0 + i) * a.qs2]) * a.scale_log2;
+            acc[g][i] = 0.0f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+
+    const T *kp = static_cast<const T *>(a.k) + b * a.ks0 + kh * a.ks1 + d0;
+    const T *vp = static_cast<const T *>(a.v) + b * a.vs0 + kh * a.vs1 + d0;
+    /* The loop bound is uniform across the warp, so the shuffles below never diverge. */
+    for (int64_t base = t0 + (int64_t)warp * TPW; base < t1; base += (int64_t)kWarps * TPW) {
+        const int64_t t = base + grp;
+        const bool valid = t < t1;
+        float kf[8], vf[8];
+        if (valid) {
+            load8(kp + t * a.ks2, kf);
+            load8(vp + t * a.vs2, vf);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; i++) kf[i] = vf[i] = 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) s = fmaf(q[g][i], kf[i], s);
+#pragma unroll
+            for (int off = LPT / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (valid) {
+                const float mn = fmaxf(m[g], s);
+                const float c = exp2f(m[g] - mn); /* 0 while m is still -inf */
+                const float p = exp2f(s - mn);
+                l[g] = l[g] * c + p;
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[g][i] = fmaf(acc[g][i], c, p * vf[i]);
+                m[g] = mn;
+            }
+        }
+    }
+
+    /* Merge the key groups of the warp (lanes that hold the same dims are LPT apart). */
+#pragma unroll
+    for (int off = LPT; off < 32; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
+            const float lo = __shfl_xor_sync(0xffffffffu, l[g], off);
+            float ao[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) ao[i] = __shfl_xor_sync(0xffffffffu, acc[g][i], off);
+            const float mn = fmaxf(m[g], mo);
+            if (mn != -INFINITY) {
+                const float ca = exp2f(m[g] - mn), cb = exp2f(mo - mn);
+                l[g] = l[g] * ca + lo * cb;
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * ca + ao[i] * cb;
+                m[g] = mn;
+            }
+        }
+    }
+
+    __shared__ float sm_m[kWarps][GM], sm_l[kWarps][GM], sm_acc[kWarps][GM][D];
+    if (grp == 0) {
+#pragma unroll
+        for (int g = 0; g < GM; g++) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) sm_acc[warp][g][d0 + i] = acc[g][i];
+            if (lane == 0) {
+                sm_m[warp][g] = m[g];
+                sm_l[warp][g] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+
+    for (int idx = threadIdx.x; idx < gcount * D; idx += kThreads) {
+        const int g = idx / D, d = idx % D;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++) mx = fmaxf(mx, sm_m[w][g]);
+        float sum = 0.0f, out = 0.0f;
+        if (mx != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < kWarps; w++) {
+                const float c = exp2f(sm_m[w][g] - mx);
+                sum += sm_l[w][g] * c;
+                out += sm_acc[w][g][d] * c;
+            }
+        }
+        const int64_t h = kh * a.G + g0 + g;
+        const int64_t row = (b * a.Hq + h) * a.splits + split;
+        a.ws_acc[row * D + d] = out;
+        if (d == 0) {
+            a.ws_m[row] = mx;
+            a.ws_l[row] = sum;
+        }
+    }
+}
+
+/* One block per (b, query head), one thread per dim. */
+template <typename T>
+__global__ void decode_combine_kernel(const DecodeArgs a, int D) {
+    const int64_t bh = blockIdx.x;
+    const int64_t b = bh / a.Hq, h = bh % a.Hq;
+    const int d = threadIdx.x;
+    const float *ms = a.ws_m + bh * a.splits;
+    const float *ls = a.ws_l + bh * a.splits;
+    const float *as = a.ws_acc + bh * a.splits * D;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < a.splits; s++) mx = fmaxf(mx, ms[s]);
+    float sum = 0.0f, acc = 0.0f;
+    if (mx != -INFINITY) {
+        for (int64_t s = 0; s < a.splits; s++) {
+            if (ms[s] == -INFINITY) continue;
+            const float c = exp2f(ms[s] - mx);
+            sum += ls[s] * c;
+            acc += as[s * D + d] * c;
+        }
+    }
+    T *out = static_cast<T *>(a.out) + b * a.os0 + h * a.os1 + d * a.os2;
+    *out = from_float<T>(sum > 0.0f ? acc / sum : 0.0f);
+}
+
+template <typename T, int D, int GM>
+cudaError_t launch_decode(const DecodeArgs &a, cudaStream_t stream) {
+    const dim3 grid((unsigned)a.splits, (unsigned)(a.Hkv * a.groups), (unsigned)a.B);
+    decode_split_kernel<T, D, GM><<<grid, kThreads, 0, stream>>>(a);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    decode_combine_kernel<T><<<(unsigned)(a.B * a.Hq), D, 0, stream>>>(a, D);
+    return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t dispatch_gm(const DecodeArgs &a, int gm, cudaStream_t stream) {
+    switch (gm) {
+    case 1: return launch_decode<T, D, 1>(a, stream);
+    case 2: return launch_decode<T, D, 2>(a, stream);
+    case 4: return launch_decode<T, D, 4>(a, stream);
+    default: return launch_decode<T, D, 8>(a, stream);
+    }
+}
+
+template <typename T>
+cudaError_t dispatch_d(const DecodeArgs &a, int D, int gm, cudaStream_t stream) {
+    switch (D) {
+    case 64: return dispatch_gm<T, 64>(a, gm, stream);
+    case 128: return dispatch_gm<T, 128>(a, gm, stream);
+    default: return dispatch_gm<T, 256>(a, gm, stream);
+    }
+}
+
+/* ------------------------------------------------------------------ append / ring */
+
+template <typename E>
+__global__ void append_rows_kernel(E *kd, E *vd, const E *ks, const E *vs, const int64_t *lengths, int64_t H,
+                                   int64_t t, int64_t D, int64_t cap, int64_t total, int64_t d0, int64_t d1,
+                                   int64_t d2, int64_t d3, int64_t k0, int64_t k1, int64_t k2, int64_t k3,
+                                   int64_t v0, int64_t v1, int64_t v2, int64_t v3) {
+    const int64_t pos = lengths[0];
+    if (pos < 0 || pos + t > cap) return; /* the documented no-op */
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t d = i % D;
+        int64_t r = i / D;
+        const int64_t j = r % t;
+        r /= t;
+        const int64_t h = r % H;
+        const int64_t b = r / H;
+        const int64_t dst = b * d0 + h * d1 + (pos + j) * d2 + d * d3;
+        kd[dst] = ks[b * k0 + h * k1 + j * k2 + d * k3];
+        vd[dst] = vs[b * v0 + h * v1 + j * v2 + d * v3];
+    }
+}
+
+/* Runs after append_rows_kernel on the same stream, so every block above saw the old length. */
+__global__ void bump_lengths_kernel(int64_t *lengths, int64_t t, int64_t cap) {
+    const int64_t pos = lengths[0];
+    if (pos < 0 || pos + t > cap) return;
+    lengths[0] = pos + t;
+    lengths[1] += t;
+}
+
+template <typename E>
+__global__ void ring_write_kernel(E *ring, const E *q, const int64_t *lengths, int64_t Hq, int64_t t, int64_t D,
+                                  int64_t W, int64_t offset, int64_t total, int64_t r0, int64_t r1, int64_t r2,
+                                  int64_t r3, int64_t q0, int64_t q1, int64_t q2, int64_t q3) {
+    int64_t base = (lengths[1] + offset) % W;
+    base = base < 0 ? base + W : base;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t d = i % D;
+        int64_t r = i / D;
+        const int64_t j = r % t;
+        r /= t;
+        const int64_t h = r % Hq;
+        const int64_t b = r / Hq;
+        const int64_t slot = (base + j) % W;
+        ring[b * r0 + h * r1 + slot * r2 + d * r3] = q[b * q0 + h * q1 + j * q2 + d * q3];
+    }
+}
+
+unsigned blocks_for(int64_t total, int threads) {
+    int64_t blocks = (total + threads - 1) / threads;
+    if (blocks > 4096) blocks = 4096; /* grid-stride loops cover the rest */
+    return (unsigned)(blocks < 1 ? 1 : blocks);
+}
+
+template <typename E>
+cudaError_t launch_append(const rpc_append_params *p, cudaStream_t stream) {
+    const int64_t total = p->B * p->H * p->t * p->D;
+    if (total > 0) {
+        append_rows_kernel<E><<<blocks_for(total, 256), 256, 0, stream>>>(
+            static_cast<E *>(p->k_dst), static_cast<E *>(p->v_dst), static_cast<const E *>(p->k_src),
+            static_cast<const E *>(p->v_src), p->lengths, p->H, p->t, p->D, p->cap, total, p->dst_stride[0],
+            p->dst_stride[1], p->dst_stride[2], p->dst_stride[3], p->k_src_stride[0], p->k_src_stride[1],
+            p->k_src_stride[2], p->k_src_stride[3], p->v_src_stride[0], p->v_src_stride[1], p->v_src_stride[2],
+            p->v_src_stride[3]);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+    }
+    bump_lengths_kernel<<<1, 1, 0, stream>>>(p->lengths, p->t, p->cap);
+    return cudaGetLastError();
+}
+
+template <typename E>
+cudaError_t launch_ring(const rpc_ring_params *p, cudaStream_t stream) {
+    const int64_t total = p->B * p->Hq * p->t * p->D;
+    if (total == 0) return cudaSuccess;
+    ring_write_kernel<E><<<blocks_for(total, 256), 256, 0, stream>>>(
+        static_cast<E *>(p->ring), static_cast<const E *>(p->q), p->lengths, p->Hq, p->t, p->D, p->window,
+        p->offset, total, p->ring_stride[0], p->ring_stride[1], p->ring_stride[2], p->ring_stride[3],
+        p->q_stride[0], p->q_stride[1], p->q_stride[2], p->q_stride[3]);
+    return cudaGetLastError();
+}
+
+bool aligned16(const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+} // namespace
+
+extern "C" {
+
+int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stream, char *err) {
+    if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
+        return value_fail(err, "decode_attention: dtype must be float32, float16 or bfloat16");
+    if (p->B == 0) return RPC_OK; /* empty batch: nothing to write (a zero-sized grid is an error) */
+    if (p->B < 1 || p->Hq < 1 || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->cap < 0)
+        return value_fail(err, "decode_attention: bad batch/head/capacity sizes");
+    if (p->D != 64 && p->D != 128 && p->D != 256)
+        return value_fail(err, "decode_attention: the CUDA kernel supports head_dim 64, 128 or 256");
+    if (p->lengths == NULL || p->workspace == NULL)
+        return value_fail(err, "decode_attention: lengths and workspace are required on CUDA");
+    if (p->splits < 1 || p->splits > 65535)
+        return value_fail(err, "decode_attention: splits must be in [1, 65535]");
+    if (p->B > 65535 || p->Hkv * ((p->Hq / p->Hkv + 7) / 8) > 65535)
+        return value_fail(err, "decode_attention: batch or head count too large for one launch");
+    if (p->k_stride[3] != 1 || p->v_stride[3] != 1 || !aligned16(p->k) || !aligned16(p->v))
+        return value_fail(err, "decode_attention: keys/values need unit stride along head_dim and 16-byte alignment");
+    for (int i = 0; i < 3; i++) {
+        if (p->k_stride[i] % 8 != 0 || p->v_stride[i] % 8 != 0)
+            return value_fail(err, "decode_attention: key/value strides must be multiples of 8 elements on CUDA");
+    }
+    const int64_t G = p->Hq / p->Hkv;
+    int gm = 8;
+    if (G <= 1) gm = 1;
+    else if (G <= 2) gm = 2;
+    else if (G <= 4) gm = 4;
+    DecodeArgs a;
+    a.q = p->q;
+    a.k = p->k;
+    a.v = p->v;
+    a.out = p->out;
+    a.ws_acc = p->workspace;
+    a.ws_m = p->workspace + p->B * p->Hq * p->splits * p->D;
+    a.ws_l = a.ws_m + p->B * p->Hq * p->splits;
+    a.lengths = p->lengths;
+    a.padding = p->padding;
+    a.B = p->B;
+    a.Hq = p->Hq;
+    a.Hkv = p->Hkv;
+    a.G = G;
+    a.groups = (G + gm - 1) / gm;
+    a.cap = p->cap;
+    a.splits = p->splits;
+    a.qs0 = p->q_stride[0];
+    a.qs1 = p->q_stride[1];
+    a.qs2 = p->q_stride[2];
+    a.os0 = p->out_stride[0];
+    a.os1 = p->out_stride[1];
+    a.os2 = p->out_stride[2];
+    a.ks0 = p->k_stride[0];
+    a.ks1 = p->k_stride[1];
+    a.ks2 = p->k_stride[2];
+    a.vs0 = p->v_stride[0];
+    a.vs1 = p->v_stride[1];
+    a.vs2 = p->v_stride[2];
+    a.scale_log2 = p->scale * kLog2e;
+
+    DecodeDeviceGuard guard;
+    DEC_CUDA_CHECK(guard.enter(device), "decode_attention: cudaSetDevice");
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaError_t e;
+    switch (p->dtype) {
+    case RPC_F32: e = dispatch_d<float>(a, (int)p->D, gm, s); break;
+    case RPC_F16: e = dispatch_d<__half>(a, (int)p->D, gm, s); break;
+    default: e = dispatch_d<__nv_bfloat16>(a, (int)p->D, gm, s); break;
+    }
+    DEC_CUDA_CHECK(e, "decode_attention kernel launch");
+    return RPC_OK;
+}
+
+int rpc_cuda_append_at_length(int device, const rpc_append_params *p, void *stream, char *err) {
+    if (p->lengths == NULL || p->B < 0 || p->H < 0 || p->t < 0 || p->D < 0 || p->cap < 0)
+        return value_fail(err, "append_at_length: bad sizes or NULL lengths");
+    DecodeDeviceGuard guard;
+    DEC_CUDA_CHECK(guard.enter(device), "append_at_length: cudaSetDevice");
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaError_t e = rpc_dtype_size(p->dtype) == 4 ? launch_append<uint32_t>(p, s) : launch_append<uint16_t>(p, s);
+    DEC_CUDA_CHECK(e, "append_at_length kernel launch");
+    return RPC_OK;
+}
+
+int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char *err) {
+    if (p->lengths == NULL || p->window < 1 || p->t < 0 || p->t > p->window)
+        return value_fail(err, "ring_write: bad window/tokens or NULL lengths");
+    DecodeDeviceGuard guard;
+    DEC_CUDA_CHECK(guard.enter(device), "ring_write: cudaSetDevice");
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaError_t e = rpc_dtype_size(p->dtype) == 4 ? launch_ring<uint32_t>(p, s) : launch_ring<uint16_t>(p, s);
+    DEC_CUDA_CHECK(e, "ring_write kernel launch");
+    return RPC_OK;
+}
+
+} /* extern "C" */
