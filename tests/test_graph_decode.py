@@ -119,3 +119,26 @@ def test_cuda_graph_greedy_equals_eager(dtype):
     want = eager(model, ids, mask, RPC, n)
     got = static_decode(model, ids, mask, rpc=RPC, max_new_tokens=n, capture=True)
     assert torch.equal(got, want)
+
+
+def test_generate_cuda_graph_flag_falls_back_on_cpu_with_warning():
+    """rpc_py.generate(cuda_graph=True) on a CPU model warns and returns the eager path's tokens."""
+    import warnings
+
+    from rpc_py.hf.graph import GraphFallbackWarning
+
+    torch.manual_seed(0)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    rpc = rpc_py.RPCConfig(interval=8, window=2, ratio=4)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = rpc_py.generate(model, ids, rpc=rpc, cuda_graph=True, **kw)
+    assert any(issubclass(w.category, GraphFallbackWarning) for w in caught)
+    ref = rpc_py.generate(model, ids, rpc=rpc, **kw)
+    assert torch.equal(out, ref)

@@ -4,6 +4,7 @@
 from .attention import RPC_EAGER, RPC_SDPA, register_attention
 from .cache import CompressionEvent, RPCCache, RPCCacheLayer, RPCStats
 from .generate import RPCHandle, check_model_supported, compress, generate, last_cache
+from .graph import GraphFallbackWarning, graph_generate, static_decode
 
 __all__ = [
     "RPCCache",
@@ -15,6 +16,9 @@ __all__ = [
     "compress",
     "last_cache",
     "check_model_supported",
+    "graph_generate",
+    "static_decode",
+    "GraphFallbackWarning",
     "register_attention",
     "RPC_SDPA",
     "RPC_EAGER",

@@ -244,12 +244,26 @@ def compress(model, rpc: RPCConfig | None = RPCConfig()):
             model.set_attn_implementation(previous_impl)
 
 
-def generate(model, input_ids=None, attention_mask=None, rpc: RPCConfig | None = RPCConfig(), **generate_kwargs):
+def generate(model, input_ids=None, attention_mask=None, rpc: RPCConfig | None = RPCConfig(), *,
+             cuda_graph: bool = False, **generate_kwargs):
     """Drop-in for ``model.generate`` with Reasoning Path Compression of the KV cache.
 
     ``rpc=None`` runs the same cache path without compression (for ablations). Returns what
     ``model.generate`` returns; the cache's statistics are in ``rpc_py.last_cache()``.
+
+    ``cuda_graph=True`` decodes with one captured CUDA-graph step replayed per token
+    (``rpc_py.hf.graph``) and returns the token ids; where capture is impossible (CPU, options the
+    static loop does not reproduce) it warns with ``GraphFallbackWarning`` and runs this eager path.
+    It is off by default until it has been validated on a GPU (see README, "CUDA-graph decoding").
     """
+    if cuda_graph:
+        from .graph import graph_generate
+
+        if input_ids is None:
+            raise ValueError("rpc_py.generate: cuda_graph=True needs input_ids")
+        if "max_new_tokens" not in generate_kwargs:
+            raise ValueError("rpc_py.generate: cuda_graph=True needs max_new_tokens (the static cache is sized from it)")
+        return graph_generate(model, input_ids, attention_mask, rpc=rpc, cuda_graph=True, **generate_kwargs)
     with compress(model, rpc) as handle:
         if input_ids is not None:
             generate_kwargs["input_ids"] = input_ids
