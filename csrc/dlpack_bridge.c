@@ -140,6 +140,12 @@ static int fill_tensor(const DLTensor *dl, const char *argname, int readonly, rp
         running *= n;
     }
     t->data = dl->data ? (void *)((char *)dl->data + dl->byte_offset) : NULL;
+    /* Kernels load whole elements: a misaligned pointer (NumPy allows them) would be undefined. */
+    if ((uintptr_t)t->data % rpc_dtype_size(dtype) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: data pointer %p is not aligned to the %d-byte element size of %s",
+                     argname, t->data, (int)rpc_dtype_size(dtype), rpc_dtype_name(dtype));
+        return -1;
+    }
     return 0;
 }
 

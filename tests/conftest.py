@@ -51,3 +51,21 @@ def torch_gen():
     if torch is None:
         pytest.skip("needs torch")
     return torch.Generator().manual_seed(1234)
+
+
+# ---- hypothesis profiles (tests/test_fuzz.py). "ci" is bounded and derandomized so that a CI failure
+# reproduces exactly; "long" explores far more: RPC_PY_FUZZ_PROFILE=long python -m pytest tests/test_fuzz.py
+try:
+    import os as _os
+
+    from hypothesis import HealthCheck as _HC
+    from hypothesis import settings as _hyp_settings
+
+    _common = dict(deadline=None, print_blob=True,
+                   suppress_health_check=[_HC.too_slow, _HC.data_too_large, _HC.filter_too_much])
+    _hyp_settings.register_profile("ci", max_examples=300, stateful_step_count=30, derandomize=True,
+                                   database=None, **_common)
+    _hyp_settings.register_profile("long", max_examples=3000, stateful_step_count=50, **_common)
+    _hyp_settings.load_profile(_os.environ.get("RPC_PY_FUZZ_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test dependency; the fuzz tests importorskip it
+    pass
