@@ -119,7 +119,8 @@ if _compiler_accepts(["-fopenmp"]):
     macros.append(("RPC_PY_WITH_OPENMP", "1"))
 if SANITIZE:
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-    cflags += san + ["-g"]
+    # -fno-wrapv undoes the -fwrapv of CPython's own flags, which would hide signed overflow from UBSan.
+    cflags += san + ["-g", "-fno-wrapv"]
     ldflags += san
 
 libraries = []
