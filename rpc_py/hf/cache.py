@@ -293,6 +293,20 @@ class RPCCacheLayer(CacheLayerMixin):
         if self.compress_due:
             self._compress(stream)
 
+    def adopt_kernel_steps(self, steps: int) -> None:
+        """Take over ``steps`` decode steps that kernels appended on their own (the CUDA-graph loop of
+        ``rpc_py.hf.graph``, after ``KVCache.advance``): re-read length and seen from the C cache."""
+        kv = self.cache.kvcache
+        self.length = kv.length(self.layer_idx)
+        self.seen = kv.seen(self.layer_idx)
+        self.generated += steps
+        self.decoding = True
+
+    def compress_now(self, stream=None) -> None:
+        """Run this layer's next scheduled compression now (used by loops that drive the schedule
+        themselves, such as the CUDA-graph decode loop)."""
+        self._compress(stream)
+
     def _compress(self, stream) -> None:
         cache = self.cache
         rpc = cache.rpc

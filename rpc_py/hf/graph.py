@@ -332,7 +332,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         window_offset = [0] * n
         if rpc.enabled:
             Hq, D = cache.num_q_heads, kv.head_dim
-            zero_q = torch.zeros(B, Hq, 1, D, dtype=cache.layers[0]._k_store.dtype, device=device)
+            zero_q = torch.zeros(B, Hq, 1, D, dtype=cache.layers[0].keys.dtype, device=device)
             for i in range(n):
                 if kv.num_queries(i) == 0:  # allocates the ring; the slot is overwritten long before use
                     kv.record_query(i, zero_q, stream=_stream_of(zero_q))
@@ -363,10 +363,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             nonlocal pending
             for i, layer in enumerate(cache.layers):
                 kv.advance(i, pending, pending if count_queries else 0)
-                layer.length = kv.length(i)
-                layer.seen = kv.seen(i)
-                layer.generated += pending
-                layer.decoding = True
+                layer.adopt_kernel_steps(pending)
             pending = 0
 
         side = torch.cuda.Stream(device) if capture else None
@@ -397,7 +394,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             if rpc.enabled and phys - layer0.prompt_length - layer0.kept == rpc.interval + rpc.window:
                 sync_host(True)
                 for layer in cache.layers:
-                    layer._compress(_stream_of(logits_buf))
+                    layer.compress_now(_stream_of(logits_buf))
                 phys = layer0.length
                 static.check_not_moved()
             nxt = choose(logits_buf)
