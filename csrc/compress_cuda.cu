@@ -40,60 +40,14 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "cuda_common.cuh"
 #include "rpc.h"
 
 namespace {
 
 /* ------------------------------------------------------------------------------------------------
- * Errors and device selection
+ * Scratch memory (errors and device selection: cuda_common.cuh)
  */
-
-int set_error(char *err, int status, const char *what, cudaError_t e) {
-    if (err) {
-        if (e == cudaSuccess)
-            snprintf(err, RPC_ERR_LEN, "%s", what);
-        else
-            snprintf(err, RPC_ERR_LEN, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-    }
-    return status;
-}
-
-int value_error(char *err, const char *msg) {
-    if (err) snprintf(err, RPC_ERR_LEN, "%s", msg);
-    return RPC_ERR_VALUE;
-}
-
-#define RPC_CUDA_CHECK(call, what)                                                                 \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) return set_error(err, RPC_ERR_CUDA, (what), e_);                    \
-    } while (0)
-
-/* Switches to `device` for the lifetime of the object and switches back to the caller's device.
- * The restore cannot report an error (destructor); the original device was valid a moment ago. */
-class DeviceGuard {
-  public:
-    DeviceGuard() = default;
-    DeviceGuard(const DeviceGuard &) = delete;
-    DeviceGuard &operator=(const DeviceGuard &) = delete;
-    cudaError_t enter(int device) {
-        cudaError_t e = cudaGetDevice(&prev_);
-        if (e != cudaSuccess) return e;
-        if (prev_ != device) {
-            e = cudaSetDevice(device);
-            if (e != cudaSuccess) return e;
-            switched_ = true;
-        }
-        return cudaSuccess;
-    }
-    ~DeviceGuard() {
-        if (switched_) (void)cudaSetDevice(prev_);
-    }
-
-  private:
-    int prev_ = 0;
-    bool switched_ = false;
-};
 
 /* Stream-ordered scratch memory, released (stream-ordered too) when the launcher returns. */
 class StreamScratch {
@@ -531,7 +485,7 @@ int score_launch(const rpc_score_params *p, int64_t N, cudaStream_t st, char *er
         char msg[RPC_ERR_LEN];
         snprintf(msg, sizeof msg, "rpc score (cuda): head dim %lld is too large for the CUDA scoring kernel",
                  (long long)D);
-        return value_error(err, msg);
+        return rpc_value_error(err, msg);
     }
     int64_t QG = ceil_div(GR, qr_cap);
     const int64_t QR = ceil_div(ceil_div(GR, QG), 16) * 16;
@@ -545,7 +499,7 @@ int score_launch(const rpc_score_params *p, int64_t N, cudaStream_t st, char *er
     const int64_t tpc = ceil_div(ntiles, C);
     C = ceil_div(ntiles, tpc);
     if (B * Hkv * C > INT_MAX || QG > 65535 || ceil_div(B * A * N, 256) > INT_MAX)
-        return value_error(err, "rpc score (cuda): problem too large for the launch grid");
+        return rpc_value_error(err, "rpc score (cuda): problem too large for the launch grid");
 
     /* Scratch: pass-1 partials, per-key sums, aggregated scores when `raw` is not wanted. */
     const size_t n_part = (size_t)(B * Hq * R * C);
@@ -815,28 +769,28 @@ template <typename W> int compact_launch(const CompactArgs &a, int64_t rows, cud
  */
 
 extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err) {
-    if (!p) return value_error(err, "rpc score (cuda): params is NULL");
+    if (!p) return rpc_value_error(err, "rpc score (cuda): params is NULL");
     if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
-        return value_error(err, "rpc score (cuda): dtype must be float32, float16 or bfloat16");
+        return rpc_value_error(err, "rpc score (cuda): dtype must be float32, float16 or bfloat16");
     if (p->B < 0 || p->Hq < 1 || p->Hkv < 1 || p->R < 1 || p->D < 1)
-        return value_error(err, "rpc score (cuda): sizes must be positive (B >= 0)");
+        return rpc_value_error(err, "rpc score (cuda): sizes must be positive (B >= 0)");
     if (p->Hq % p->Hkv != 0)
-        return value_error(err, "rpc score (cuda): query heads must be a multiple of KV heads");
+        return rpc_value_error(err, "rpc score (cuda): query heads must be a multiple of KV heads");
     if (p->start < 0 || p->end <= p->start)
-        return value_error(err, "rpc score (cuda): candidates [start, end) must be non-empty, start >= 0");
+        return rpc_value_error(err, "rpc score (cuda): candidates [start, end) must be non-empty, start >= 0");
     if (p->kernel_size < 1 || p->kernel_size % 2 == 0)
-        return value_error(err, "rpc score (cuda): kernel_size must be odd and >= 1");
+        return rpc_value_error(err, "rpc score (cuda): kernel_size must be odd and >= 1");
     if (p->agg != RPC_AGG_ALL && p->agg != RPC_AGG_GROUP)
-        return value_error(err, "rpc score (cuda): unknown aggregation");
+        return rpc_value_error(err, "rpc score (cuda): unknown aggregation");
     if (p->pool != RPC_POOL_AVG && p->pool != RPC_POOL_MAX)
-        return value_error(err, "rpc score (cuda): unknown pooling");
+        return rpc_value_error(err, "rpc score (cuda): unknown pooling");
     const int64_t N = p->end - p->start;
     if (N > INT_MAX / 2 || p->Hq * p->R > INT_MAX / 2 || p->D > 65536)
-        return value_error(err, "rpc score (cuda): sizes too large");
+        return rpc_value_error(err, "rpc score (cuda): sizes too large");
     if (p->B == 0) return RPC_OK;
-    if (!p->q || !p->k || !p->out) return value_error(err, "rpc score (cuda): NULL tensor pointer");
+    if (!p->q || !p->k || !p->out) return rpc_value_error(err, "rpc score (cuda): NULL tensor pointer");
 
-    DeviceGuard guard;
+    RpcDeviceGuard guard;
     RPC_CUDA_CHECK(guard.enter(device), "rpc score: cudaSetDevice");
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     switch (p->dtype) {
@@ -847,15 +801,15 @@ extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *strea
 }
 
 extern "C" int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err) {
-    if (!p) return value_error(err, "rpc select (cuda): params is NULL");
+    if (!p) return rpc_value_error(err, "rpc select (cuda): params is NULL");
     if (p->rows < 0 || p->N < 0 || p->keep < 0 || p->keep > p->N)
-        return value_error(err, "rpc select (cuda): need rows >= 0 and 0 <= keep <= N");
+        return rpc_value_error(err, "rpc select (cuda): need rows >= 0 and 0 <= keep <= N");
     if (p->N >= INT_MAX || p->rows > INT_MAX)
-        return value_error(err, "rpc select (cuda): rows and N must be below 2^31");
+        return rpc_value_error(err, "rpc select (cuda): rows and N must be below 2^31");
     if (p->rows == 0 || p->keep == 0) return RPC_OK;
-    if (!p->scores || !p->indices) return value_error(err, "rpc select (cuda): NULL tensor pointer");
+    if (!p->scores || !p->indices) return rpc_value_error(err, "rpc select (cuda): NULL tensor pointer");
 
-    DeviceGuard guard;
+    RpcDeviceGuard guard;
     RPC_CUDA_CHECK(guard.enter(device), "rpc select: cudaSetDevice");
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     select_kernel<<<(unsigned)p->rows, kSelThreads, 0, st>>>(p->scores, p->N, p->keep, p->indices);
@@ -864,27 +818,27 @@ extern "C" int rpc_cuda_select(int device, const rpc_select_params *p, void *str
 }
 
 extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err) {
-    if (!p) return value_error(err, "rpc compact (cuda): params is NULL");
+    if (!p) return rpc_value_error(err, "rpc compact (cuda): params is NULL");
     if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
-        return value_error(err, "rpc compact (cuda): dtype must be float32, float16 or bfloat16");
+        return rpc_value_error(err, "rpc compact (cuda): dtype must be float32, float16 or bfloat16");
     if (p->B < 0 || p->H < 0 || p->L < 0 || p->D < 1)
-        return value_error(err, "rpc compact (cuda): sizes must be non-negative (D >= 1)");
+        return rpc_value_error(err, "rpc compact (cuda): sizes must be non-negative (D >= 1)");
     if (p->start < 0 || p->start > p->end || p->end > p->L)
-        return value_error(err, "rpc compact (cuda): need 0 <= start <= end <= L");
+        return rpc_value_error(err, "rpc compact (cuda): need 0 <= start <= end <= L");
     if (p->keep < 0 || p->keep > p->end - p->start)
-        return value_error(err, "rpc compact (cuda): need 0 <= keep <= end - start");
+        return rpc_value_error(err, "rpc compact (cuda): need 0 <= keep <= end - start");
     if (!(p->A == 1 || p->A == p->H))
-        return value_error(err, "rpc compact (cuda): indices rows A must be 1 or H");
+        return rpc_value_error(err, "rpc compact (cuda): indices rows A must be 1 or H");
     if (p->D > 1 && (p->k_stride[3] != 1 || p->v_stride[3] != 1))
-        return value_error(err, "rpc compact (cuda): the head-dim stride of keys and values must be 1");
+        return rpc_value_error(err, "rpc compact (cuda): the head-dim stride of keys and values must be 1");
     const size_t es = rpc_dtype_size(p->dtype);
     const int64_t row_bytes = p->D * (int64_t)es;
-    if (row_bytes > kCompactSmem) return value_error(err, "rpc compact (cuda): head dim too large");
-    if (p->B * p->H > INT_MAX) return value_error(err, "rpc compact (cuda): B * H too large");
+    if (row_bytes > kCompactSmem) return rpc_value_error(err, "rpc compact (cuda): head dim too large");
+    if (p->B * p->H > INT_MAX) return rpc_value_error(err, "rpc compact (cuda): B * H too large");
     if (p->B == 0 || p->H == 0) return RPC_OK;
     if (p->keep == p->end - p->start) return RPC_OK; /* indices are 0..keep-1 and the window stays */
     if (!p->k || !p->v || (p->keep > 0 && !p->indices))
-        return value_error(err, "rpc compact (cuda): NULL tensor pointer");
+        return rpc_value_error(err, "rpc compact (cuda): NULL tensor pointer");
 
     CompactArgs a;
     a.t[0].base = static_cast<unsigned char *>(p->k);
@@ -916,7 +870,7 @@ extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *s
         for (int d = 0; d < 3; ++d)
             if (sizes[d] > 1) g |= s[d];
     }
-    DeviceGuard guard;
+    RpcDeviceGuard guard;
     RPC_CUDA_CHECK(guard.enter(device), "rpc compact: cudaSetDevice");
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     const int64_t rows = p->B * p->H;

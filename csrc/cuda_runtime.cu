@@ -9,6 +9,7 @@
  * along the last dimension and everything is suitably aligned, rows are moved in 16-, 8- or 4-byte
  * words, so the same kernel runs at close to copy bandwidth for bf16/fp16 rows of 64-256 bytes.
  */
+#include "cuda_common.cuh"
 #include "rpc.h"
 
 #include <cuda_runtime.h>
@@ -17,54 +18,6 @@
 #include <stdio.h>
 
 namespace {
-
-/* Sets the device for the lifetime of the object and restores the previous one. */
-class DeviceGuard {
-  public:
-    explicit DeviceGuard(int device) {
-        prev_ = -1;
-        status_ = cudaGetDevice(&prev_);
-        if (status_ == cudaSuccess && prev_ != device) {
-            status_ = cudaSetDevice(device);
-        }
-    }
-    ~DeviceGuard() {
-        int cur = -1;
-        if (prev_ >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev_) {
-            cudaSetDevice(prev_);
-        }
-    }
-    cudaError_t status() const {
-        return status_;
-    }
-    DeviceGuard(const DeviceGuard &) = delete;
-    DeviceGuard &operator=(const DeviceGuard &) = delete;
-
-  private:
-    int prev_;
-    cudaError_t status_;
-};
-
-int fail(cudaError_t e, const char *what, char *err) {
-    snprintf(err, RPC_ERR_LEN, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-    /* Clear a sticky-free error so the next call does not report it again. */
-    (void)cudaGetLastError();
-    return RPC_ERR_CUDA;
-}
-
-#define RPC_CUDA_CHECK(expr, what)                                                                   \
-    do {                                                                                             \
-        cudaError_t e_ = (expr);                                                                     \
-        if (e_ != cudaSuccess) {                                                                     \
-            return fail(e_, what, err);                                                              \
-        }                                                                                            \
-    } while (0)
-
-#define RPC_DEVICE_GUARD(device)                                                                     \
-    DeviceGuard guard_(device);                                                                      \
-    if (guard_.status() != cudaSuccess) {                                                            \
-        return fail(guard_.status(), "cudaSetDevice", err);                                          \
-    }
 
 template <typename T>
 __global__ void copy4d_kernel(T *__restrict__ dst, const T *__restrict__ src, int64_t n1, int64_t n2, int64_t n3,
@@ -137,7 +90,7 @@ int rpc_cuda_device_count(int *count, char *err) {
     }
     if (e != cudaSuccess) {
         *count = 0;
-        return fail(e, "cudaGetDeviceCount", err);
+        return rpc_cuda_error(err, "cudaGetDeviceCount", e);
     }
     *count = n;
     return RPC_OK;
@@ -149,7 +102,7 @@ int rpc_cuda_malloc(int device, size_t nbytes, void **ptr, char *err) {
     cudaError_t e = cudaMalloc(ptr, nbytes == 0 ? 1 : nbytes);
     if (e != cudaSuccess) {
         *ptr = nullptr;
-        int rc = fail(e, "cudaMalloc", err);
+        int rc = rpc_cuda_error(err, "cudaMalloc", e);
         if (e == cudaErrorMemoryAllocation) {
             snprintf(err, RPC_ERR_LEN, "cudaMalloc of %zu bytes on cuda:%d failed: out of memory", nbytes, device);
             return RPC_ERR_NOMEM;

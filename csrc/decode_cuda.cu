@@ -26,6 +26,7 @@
  * both counters, so that no block can see a half-updated length); ring_write puts query token i in
  * slot (lengths[1] + offset + i) mod window.
  */
+#include "cuda_common.cuh"
 #include "rpc.h"
 
 #include <cuda_bf16.h>
@@ -42,48 +43,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int64_t kMinChunk = 64;
 constexpr float kLog2e = 1.4426950408889634f;
-
-int cuda_fail(char *err, const char *what, cudaError_t e) {
-    snprintf(err, RPC_ERR_LEN, "%s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
-    (void)cudaGetLastError();
-    return RPC_ERR_CUDA;
-}
-
-int value_fail(char *err, const char *msg) {
-    snprintf(err, RPC_ERR_LEN, "%s", msg);
-    return RPC_ERR_VALUE;
-}
-
-#define DEC_CUDA_CHECK(call, what)                                                                 \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) return cuda_fail(err, (what), e_);                                  \
-    } while (0)
-
-/* Switches to `device` for the lifetime of the object and back to the caller's device. */
-class DecodeDeviceGuard {
-  public:
-    DecodeDeviceGuard() = default;
-    DecodeDeviceGuard(const DecodeDeviceGuard &) = delete;
-    DecodeDeviceGuard &operator=(const DecodeDeviceGuard &) = delete;
-    cudaError_t enter(int device) {
-        cudaError_t e = cudaGetDevice(&prev_);
-        if (e != cudaSuccess) return e;
-        if (prev_ != device) {
-            e = cudaSetDevice(device);
-            if (e != cudaSuccess) return e;
-            switched_ = true;
-        }
-        return cudaSuccess;
-    }
-    ~DecodeDeviceGuard() {
-        if (switched_) (void)cudaSetDevice(prev_);
-    }
-
-  private:
-    int prev_ = 0;
-    bool switched_ = false;
-};
 
 /* ------------------------------------------------------------------ element access */
 
@@ -416,23 +375,23 @@ extern "C" {
 
 int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stream, char *err) {
     if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
-        return value_fail(err, "decode_attention: dtype must be float32, float16 or bfloat16");
+        return rpc_value_error(err, "decode_attention: dtype must be float32, float16 or bfloat16");
     if (p->B == 0) return RPC_OK; /* empty batch: nothing to write (a zero-sized grid is an error) */
     if (p->B < 1 || p->Hq < 1 || p->Hkv < 1 || p->Hq % p->Hkv != 0 || p->cap < 0)
-        return value_fail(err, "decode_attention: bad batch/head/capacity sizes");
+        return rpc_value_error(err, "decode_attention: bad batch/head/capacity sizes");
     if (p->D != 64 && p->D != 128 && p->D != 256)
-        return value_fail(err, "decode_attention: the CUDA kernel supports head_dim 64, 128 or 256");
+        return rpc_value_error(err, "decode_attention: the CUDA kernel supports head_dim 64, 128 or 256");
     if (p->lengths == NULL || p->workspace == NULL)
-        return value_fail(err, "decode_attention: lengths and workspace are required on CUDA");
+        return rpc_value_error(err, "decode_attention: lengths and workspace are required on CUDA");
     if (p->splits < 1 || p->splits > 65535)
-        return value_fail(err, "decode_attention: splits must be in [1, 65535]");
+        return rpc_value_error(err, "decode_attention: splits must be in [1, 65535]");
     if (p->B > 65535 || p->Hkv * ((p->Hq / p->Hkv + 7) / 8) > 65535)
-        return value_fail(err, "decode_attention: batch or head count too large for one launch");
+        return rpc_value_error(err, "decode_attention: batch or head count too large for one launch");
     if (p->k_stride[3] != 1 || p->v_stride[3] != 1 || !aligned16(p->k) || !aligned16(p->v))
-        return value_fail(err, "decode_attention: keys/values need unit stride along head_dim and 16-byte alignment");
+        return rpc_value_error(err, "decode_attention: keys/values need unit stride along head_dim and 16-byte alignment");
     for (int i = 0; i < 3; i++) {
         if (p->k_stride[i] % 8 != 0 || p->v_stride[i] % 8 != 0)
-            return value_fail(err, "decode_attention: key/value strides must be multiples of 8 elements on CUDA");
+            return rpc_value_error(err, "decode_attention: key/value strides must be multiples of 8 elements on CUDA");
     }
     const int64_t G = p->Hq / p->Hkv;
     int gm = 8;
@@ -470,8 +429,8 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
     a.vs2 = p->v_stride[2];
     a.scale_log2 = p->scale * kLog2e;
 
-    DecodeDeviceGuard guard;
-    DEC_CUDA_CHECK(guard.enter(device), "decode_attention: cudaSetDevice");
+    RpcDeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "decode_attention: cudaSetDevice");
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e;
     switch (p->dtype) {
@@ -479,29 +438,29 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
     case RPC_F16: e = dispatch_d<__half>(a, (int)p->D, gm, s); break;
     default: e = dispatch_d<__nv_bfloat16>(a, (int)p->D, gm, s); break;
     }
-    DEC_CUDA_CHECK(e, "decode_attention kernel launch");
+    RPC_CUDA_CHECK(e, "decode_attention kernel launch");
     return RPC_OK;
 }
 
 int rpc_cuda_append_at_length(int device, const rpc_append_params *p, void *stream, char *err) {
     if (p->lengths == NULL || p->B < 0 || p->H < 0 || p->t < 0 || p->D < 0 || p->cap < 0)
-        return value_fail(err, "append_at_length: bad sizes or NULL lengths");
-    DecodeDeviceGuard guard;
-    DEC_CUDA_CHECK(guard.enter(device), "append_at_length: cudaSetDevice");
+        return rpc_value_error(err, "append_at_length: bad sizes or NULL lengths");
+    RpcDeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "append_at_length: cudaSetDevice");
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e = rpc_dtype_size(p->dtype) == 4 ? launch_append<uint32_t>(p, s) : launch_append<uint16_t>(p, s);
-    DEC_CUDA_CHECK(e, "append_at_length kernel launch");
+    RPC_CUDA_CHECK(e, "append_at_length kernel launch");
     return RPC_OK;
 }
 
 int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char *err) {
     if (p->lengths == NULL || p->window < 1 || p->t < 0 || p->t > p->window)
-        return value_fail(err, "ring_write: bad window/tokens or NULL lengths");
-    DecodeDeviceGuard guard;
-    DEC_CUDA_CHECK(guard.enter(device), "ring_write: cudaSetDevice");
+        return rpc_value_error(err, "ring_write: bad window/tokens or NULL lengths");
+    RpcDeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "ring_write: cudaSetDevice");
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e = rpc_dtype_size(p->dtype) == 4 ? launch_ring<uint32_t>(p, s) : launch_ring<uint16_t>(p, s);
-    DEC_CUDA_CHECK(e, "ring_write kernel launch");
+    RPC_CUDA_CHECK(e, "ring_write kernel launch");
     return RPC_OK;
 }
 
