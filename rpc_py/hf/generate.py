@@ -165,7 +165,10 @@ class RPCHandle:
         if not self.active:
             raise RuntimeError("rpc_py: this RPCHandle's compress() context has exited")
         self._check_kwargs(kwargs)
-        user_cache = kwargs.pop("past_key_values", None) or kwargs.pop("cache", None)
+        # Explicit None checks: a Cache defines __len__, so truthiness is not "was it given".
+        user_cache = kwargs.pop("past_key_values", None)
+        if user_cache is None:
+            user_cache = kwargs.pop("cache", None)
         if user_cache is not None:
             # The caller's own RPCCache: used as given and left open (it owns it).
             kwargs[self._cache_kwarg] = user_cache
