@@ -16,6 +16,7 @@
  */
 #include "pyrpc.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -107,6 +108,25 @@ static int dec_stream_of(PyObject *obj, intptr_t *stream) {
     return rpc_parse_stream(obj, stream);
 }
 
+/* rpc_decode_workspace_floats, or -1 with ValueError when the count does not fit int64 (sizes come from
+ * the caller: decode_workspace_size takes plain ints). */
+static int64_t dec_workspace_floats(int64_t B, int64_t Hq, int64_t D, int64_t splits) {
+    if ((double)B * (double)Hq * (double)splits * ((double)D + 2.0) > 4.0e18) {
+        PyErr_Format(PyExc_ValueError,
+                     "decode_workspace_size: a workspace of batch=%lld x q_heads=%lld x splits=%lld x (head_dim=%lld "
+                     "+ 2) floats does not fit a tensor",
+                     (long long)B, (long long)Hq, (long long)splits, (long long)D);
+        return -1;
+    }
+    return rpc_decode_workspace_floats(B, Hq, D, splits);
+}
+
+/* rpc_decode_splits with the capacity clamped: the split count saturates long before 2^40 slots, and a
+ * zero-stride cache may claim up to INT64_MAX of them. */
+static int64_t dec_splits(int64_t B, int64_t Hq, int64_t Hkv, int64_t cap) {
+    return rpc_decode_splits(B, Hq, Hkv, cap < ((int64_t)1 << 40) ? cap : ((int64_t)1 << 40));
+}
+
 /* ------------------------------------------------------------------ decode_attention */
 
 static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -144,7 +164,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         goto done;
     }
     const int64_t Hkv = k.shape[1], cap = k.shape[2];
-    if (D < 1 || Hkv < 1 || Hq % Hkv != 0) {
+    if (D < 1 || Hkv < 1 || Hq < 1 || Hq % Hkv != 0) {
         PyErr_Format(PyExc_ValueError,
                      "keys: expected kv_heads >= 1 dividing the %lld query heads and head_dim >= 1, got kv_heads=%lld, "
                      "head_dim=%lld",
@@ -158,7 +178,9 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         rpc_check_no_negative_strides(&v, "values") < 0 || dec_same_device(&q, "q", &v, "values") < 0) {
         goto done;
     }
-    if ((D > 1 && k.strides[3] != 1) || (D > 1 && v.strides[3] != 1)) {
+    /* An empty cache is never read, and DLPack producers report arbitrary strides (torch: 0) for it. */
+    const int kv_read = D > 1 && B > 0 && cap > 0;
+    if ((kv_read && k.strides[3] != 1) || (kv_read && v.strides[3] != 1)) {
         PyErr_Format(PyExc_ValueError, "%s: expected unit stride along head_dim, got %lld",
                      k.strides[3] != 1 ? "keys" : "values", (long long)(k.strides[3] != 1 ? k.strides[3] : v.strides[3]));
         goto done;
@@ -187,8 +209,8 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
     if (scale_obj != Py_None) {
         scale = PyFloat_AsDouble(scale_obj);
         if (scale == -1.0 && PyErr_Occurred()) goto done;
-        if (!isfinite(scale)) {
-            PyErr_Format(PyExc_ValueError, "scale: expected a finite float, got %R", scale_obj);
+        if (!isfinite(scale) || fabs(scale) > FLT_MAX) { /* the kernels use it as a float32 */
+            PyErr_Format(PyExc_ValueError, "scale: expected a finite float32 value, got %R", scale_obj);
             goto done;
         }
     }
@@ -201,10 +223,11 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         PyErr_Format(PyExc_ValueError, "splits: expected 0 (automatic) or 1..65535, got %lld", splits);
         goto done;
     }
-    if (splits == 0) splits = rpc_decode_splits(B, Hq, Hkv, cap);
+    if (splits == 0) splits = dec_splits(B, Hq, Hkv, cap);
     float *workspace = NULL;
     if (on_cuda) {
-        const int64_t need = rpc_decode_workspace_floats(B, Hq, D, splits);
+        const int64_t need = dec_workspace_floats(B, Hq, D, splits);
+        if (need < 0) goto done;
         if (ws_obj != Py_None) {
             if (rpc_from_dlpack(ws_obj, "workspace", stream, &ws, &kw) < 0) goto done;
             if (ws.ndim != 1 || ws.dtype != RPC_F32 || ws.shape[0] < need || (ws.shape[0] > 1 && ws.strides[0] != 1)) {
@@ -259,7 +282,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         Py_BEGIN_ALLOW_THREADS
         rc = rpc_cuda_decode_attention(q.device_id, &p, (void *)stream, err);
         Py_END_ALLOW_THREADS
-    } else if (B * Hq * D * cap >= DEC_GIL_RELEASE_WORK) {
+    } else if ((double)B * (double)Hq * (double)D * (double)cap >= (double)DEC_GIL_RELEASE_WORK) { /* no overflow */
         Py_BEGIN_ALLOW_THREADS
         rc = reference ? rpc_cpu_decode_attention_scalar(&p, err) : rpc_cpu_decode_attention(&p, err);
         Py_END_ALLOW_THREADS
@@ -305,8 +328,10 @@ static PyObject *dec_workspace_size(PyObject *module, PyObject *args, PyObject *
         PyErr_Format(PyExc_ValueError, "splits: expected 0 (automatic) or 1..65535, got %lld", splits);
         return NULL;
     }
-    if (splits == 0) splits = rpc_decode_splits(B, Hq, Hkv, cap);
-    return Py_BuildValue("(LL)", splits, (long long)rpc_decode_workspace_floats(B, Hq, D, splits));
+    if (splits == 0) splits = dec_splits(B, Hq, Hkv, cap);
+    const int64_t floats = dec_workspace_floats(B, Hq, D, splits);
+    if (floats < 0) return NULL;
+    return Py_BuildValue("(LL)", splits, (long long)floats);
 }
 
 /* ------------------------------------------------------------------ append_at_length */

@@ -261,6 +261,12 @@ int rpc_cpu_decode_attention(const rpc_decode_params *p, char *err) {
     if (rc != RPC_OK) return rc;
     const int64_t L = live_length(p), G = p->Hq / p->Hkv, D = p->D;
     const int64_t tasks = p->B * p->Hkv;
+    if (tasks == 0) return RPC_OK; /* nothing to write; G and D may be huge on zero-size tensors */
+    if (G > ((int64_t)1 << 30) || D > ((int64_t)1 << 30) || G * D > ((int64_t)1 << 40)) {
+        snprintf(err, RPC_ERR_LEN, "decode_attention: %lld query heads per KV head x head_dim %lld is too large",
+                 (long long)G, (long long)D);
+        return RPC_ERR_NOMEM;
+    }
     const size_t per_task = (size_t)(2 * G * D + 2 * D + 2 * G);
     int failed = 0;
 #ifdef RPC_PY_WITH_OPENMP
@@ -317,14 +323,17 @@ int rpc_cpu_append_at_length(const rpc_append_params *p, char *err) {
         return RPC_ERR_VALUE;
     }
     const int64_t pos = p->lengths[0];
-    if (pos < 0 || pos + p->t > p->cap) {
+    /* pos > cap - t, not pos + t > cap: a corrupt pos near INT64_MAX must not wrap into range. */
+    if (pos < 0 || pos > p->cap - p->t) {
         return RPC_OK; /* the documented no-op: nothing written, lengths unchanged */
     }
     const size_t es = rpc_dtype_size(p->dtype);
-    copy_rows(p->k_dst, p->dst_stride, p->k_src, p->k_src_stride, p->B, p->H, p->t, p->D, pos, es);
-    copy_rows(p->v_dst, p->dst_stride, p->v_src, p->v_src_stride, p->B, p->H, p->t, p->D, pos, es);
+    if (p->B > 0 && p->H > 0 && p->t > 0 && p->D > 0) { /* empty tensors may carry NULL data pointers */
+        copy_rows(p->k_dst, p->dst_stride, p->k_src, p->k_src_stride, p->B, p->H, p->t, p->D, pos, es);
+        copy_rows(p->v_dst, p->dst_stride, p->v_src, p->v_src_stride, p->B, p->H, p->t, p->D, pos, es);
+    }
     p->lengths[0] = pos + p->t;
-    p->lengths[1] += p->t;
+    p->lengths[1] = (int64_t)((uint64_t)p->lengths[1] + (uint64_t)p->t); /* wraps like int64 math in torch */
     return RPC_OK;
 }
 
@@ -337,8 +346,11 @@ int rpc_cpu_ring_write(const rpc_ring_params *p, char *err) {
     }
     const size_t es = rpc_dtype_size(p->dtype);
     const int64_t W = p->window;
-    int64_t base = (p->lengths[1] + p->offset) % W;
-    if (base < 0) base += W;
+    /* Reduce each term before adding: seen + offset may not fit int64. */
+    int64_t seen = p->lengths[1] % W, off = p->offset % W;
+    if (seen < 0) seen += W;
+    if (off < 0) off += W;
+    const int64_t base = (seen + off) % W;
     for (int64_t i = 0; i < p->t; i++) {
         const int64_t slot = (base + i) % W;
         for (int64_t b = 0; b < p->B; b++) {

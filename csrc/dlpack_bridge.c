@@ -128,6 +128,10 @@ static int fill_tensor(const DLTensor *dl, const char *argname, int readonly, rp
     t->dtype = dtype;
     t->ndim = (int)dl->ndim;
     t->readonly = readonly;
+    int empty = 0; /* an empty tensor may list huge sizes beside its zero; it is never read */
+    for (int i = 0; i < t->ndim; i++) {
+        empty |= dl->shape[i] == 0;
+    }
     int64_t running = 1;
     for (int i = t->ndim - 1; i >= 0; i--) {
         int64_t n = dl->shape[i];
@@ -137,7 +141,13 @@ static int fill_tensor(const DLTensor *dl, const char *argname, int readonly, rp
         }
         t->shape[i] = n;
         t->strides[i] = dl->strides ? dl->strides[i] : running;
-        running *= n;
+        if (__builtin_mul_overflow(running, n, &running)) {
+            if (!empty) {
+                PyErr_Format(PyExc_ValueError, "%s: the element count overflows 64 bits", argname);
+                return -1;
+            }
+            running = 0;
+        }
     }
     t->data = dl->data ? (void *)((char *)dl->data + dl->byte_offset) : NULL;
     /* Kernels load whole elements: a misaligned pointer (NumPy allows them) would be undefined. */
