@@ -27,15 +27,7 @@ trap cleanup EXIT
 
 echo "== copy $SRC -> $SCRATCH/repo"
 mkdir -p "$SCRATCH/repo" "$SCRATCH/logs"
-if git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    # tracked + untracked-but-not-ignored files; skip paths listed but deleted from the work tree
-    (cd "$SRC" && git ls-files -z --cached --others --exclude-standard | \
-        xargs -0 -I{} sh -c 'test -e "$1" && printf "%s\0" "$1"' _ {} | \
-        tar --null -T - -cf -) | tar -C "$SCRATCH/repo" -xf -
-else
-    (cd "$SRC" && tar --exclude=build --exclude='*.so' --exclude='*.o' --exclude=__pycache__ -cf - .) | \
-        tar -C "$SCRATCH/repo" -xf -
-fi
+bash "$REPO/ci/copy_tree.sh" "$SRC" "$SCRATCH/repo"
 
 echo "== build with ASan + UBSan (RPC_PY_CUDA=0 RPC_PY_SANITIZE=1 RPC_PY_WERROR=1)"
 cd "$SCRATCH/repo"

@@ -19,14 +19,7 @@ SCRATCH="$(mktemp -d /tmp/rpc_py_valgrind.XXXXXX)"
 trap '[ "${RPC_PY_VALGRIND_KEEP:-0}" = 1 ] && echo "kept $SCRATCH" || rm -rf "$SCRATCH"' EXIT
 
 mkdir -p "$SCRATCH/repo"
-if git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    (cd "$SRC" && git ls-files -z --cached --others --exclude-standard | \
-        xargs -0 -I{} sh -c 'test -e "$1" && printf "%s\0" "$1"' _ {} | \
-        tar --null -T - -cf -) | tar -C "$SCRATCH/repo" -xf -
-else
-    (cd "$SRC" && tar --exclude=build --exclude='*.so' --exclude='*.o' --exclude=__pycache__ -cf - .) | \
-        tar -C "$SCRATCH/repo" -xf -
-fi
+bash "$REPO/ci/copy_tree.sh" "$SRC" "$SCRATCH/repo"
 cd "$SCRATCH/repo"
 echo "== CPU-only debug build in $SCRATCH/repo"
 CFLAGS="-g" RPC_PY_CUDA=0 "$PY" setup.py -q build_ext --inplace >"$SCRATCH/build.log" 2>&1 || {
