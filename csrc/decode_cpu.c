@@ -323,8 +323,7 @@ int rpc_cpu_append_at_length(const rpc_append_params *p, char *err) {
         return RPC_ERR_VALUE;
     }
     const int64_t pos = p->lengths[0];
-    /* pos > cap - t, not pos + t > cap: a corrupt pos near INT64_MAX must not wrap into range. */
-    if (pos < 0 || pos > p->cap - p->t) {
+    if (!rpc_append_fits(pos, p->t, p->cap)) {
         return RPC_OK; /* the documented no-op: nothing written, lengths unchanged */
     }
     const size_t es = rpc_dtype_size(p->dtype);
@@ -333,7 +332,7 @@ int rpc_cpu_append_at_length(const rpc_append_params *p, char *err) {
         copy_rows(p->v_dst, p->dst_stride, p->v_src, p->v_src_stride, p->B, p->H, p->t, p->D, pos, es);
     }
     p->lengths[0] = pos + p->t;
-    p->lengths[1] = (int64_t)((uint64_t)p->lengths[1] + (uint64_t)p->t); /* wraps like int64 math in torch */
+    p->lengths[1] = rpc_wrapping_add(p->lengths[1], p->t);
     return RPC_OK;
 }
 
@@ -346,11 +345,7 @@ int rpc_cpu_ring_write(const rpc_ring_params *p, char *err) {
     }
     const size_t es = rpc_dtype_size(p->dtype);
     const int64_t W = p->window;
-    /* Reduce each term before adding: seen + offset may not fit int64. */
-    int64_t seen = p->lengths[1] % W, off = p->offset % W;
-    if (seen < 0) seen += W;
-    if (off < 0) off += W;
-    const int64_t base = (seen + off) % W;
+    const int64_t base = rpc_ring_slot(p->lengths[1], p->offset, W);
     for (int64_t i = 0; i < p->t; i++) {
         const int64_t slot = (base + i) % W;
         for (int64_t b = 0; b < p->B; b++) {

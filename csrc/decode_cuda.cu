@@ -291,8 +291,7 @@ __global__ void append_rows_kernel(E *kd, E *vd, const E *ks, const E *vs, const
                                    int64_t d2, int64_t d3, int64_t k0, int64_t k1, int64_t k2, int64_t k3,
                                    int64_t v0, int64_t v1, int64_t v2, int64_t v3) {
     const int64_t pos = lengths[0];
-    /* pos > cap - t, not pos + t > cap: a corrupt pos near INT64_MAX must not wrap into range. */
-    if (pos < 0 || pos > cap - t) return; /* the documented no-op */
+    if (!rpc_append_fits(pos, t, cap)) return; /* the documented no-op */
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t d = i % D;
@@ -310,20 +309,16 @@ __global__ void append_rows_kernel(E *kd, E *vd, const E *ks, const E *vs, const
 /* Runs after append_rows_kernel on the same stream, so every block above saw the old length. */
 __global__ void bump_lengths_kernel(int64_t *lengths, int64_t t, int64_t cap) {
     const int64_t pos = lengths[0];
-    if (pos < 0 || pos > cap - t) return;
+    if (!rpc_append_fits(pos, t, cap)) return;
     lengths[0] = pos + t;
-    lengths[1] = (int64_t)((uint64_t)lengths[1] + (uint64_t)t); /* wraps like int64 math in torch */
+    lengths[1] = rpc_wrapping_add(lengths[1], t);
 }
 
 template <typename E>
 __global__ void ring_write_kernel(E *ring, const E *q, const int64_t *lengths, int64_t Hq, int64_t t, int64_t D,
                                   int64_t W, int64_t offset, int64_t total, int64_t r0, int64_t r1, int64_t r2,
                                   int64_t r3, int64_t q0, int64_t q1, int64_t q2, int64_t q3) {
-    /* Reduce each term before adding: seen + offset may not fit int64 (same as the CPU kernel). */
-    int64_t seen = lengths[1] % W, off = offset % W;
-    seen = seen < 0 ? seen + W : seen;
-    off = off < 0 ? off + W : off;
-    const int64_t base = (seen + off) % W;
+    const int64_t base = rpc_ring_slot(lengths[1], offset, W);
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t d = i % D;

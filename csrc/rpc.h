@@ -211,6 +211,33 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
 int rpc_cuda_append_at_length(int device, const rpc_append_params *p, void *stream, char *err);
 int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char *err);
 
+/* ---------------------------------------------------------------- position arithmetic shared by the
+ * CPU and CUDA decode kernels, so both treat corrupt or extreme device lengths the same way. */
+#ifdef __CUDACC__
+#define RPC_HOST_DEVICE __host__ __device__
+#else
+#define RPC_HOST_DEVICE
+#endif
+
+/* 1 when `t` tokens fit at position `pos` of a buffer of `cap` tokens. Written as pos <= cap - t,
+ * not pos + t <= cap: a corrupt pos near INT64_MAX must not wrap into range. */
+static inline RPC_HOST_DEVICE int rpc_append_fits(int64_t pos, int64_t t, int64_t cap) {
+    return pos >= 0 && pos <= cap - t;
+}
+
+/* a + b with int64 wrap-around (as torch's int64 arithmetic), without signed-overflow UB. */
+static inline RPC_HOST_DEVICE int64_t rpc_wrapping_add(int64_t a, int64_t b) {
+    return (int64_t)((uint64_t)a + (uint64_t)b);
+}
+
+/* (seen + offset) mod window in [0, window), without overflow: each term is reduced first. */
+static inline RPC_HOST_DEVICE int64_t rpc_ring_slot(int64_t seen, int64_t offset, int64_t window) {
+    int64_t a = seen % window, b = offset % window;
+    if (a < 0) a += window;
+    if (b < 0) b += window;
+    return (a + b) % window;
+}
+
 #ifdef __cplusplus
 }
 #endif
