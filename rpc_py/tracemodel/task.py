@@ -1,0 +1,229 @@
+"""The loop-trace task: small programs whose step-by-step evaluation is a long generated trace.
+
+Why this task. RPC rests on one hypothesis: in a reasoning trace, the tokens that the most recent
+queries attend to are the ones the rest of the trace will need. A task that tests it must have a
+final answer that depends on a few tokens written far back *by the model itself* (not in the
+prompt, which RPC never compresses), buried in a long trace that is mostly dead weight. Here:
+
+* the prompt is a program: constants defined by a chain of arithmetic (``k = 7 + 6 ; m = k * 3``),
+  state registers with initial values, an input tape of numbered digits (``1 4 2 0 3 7 ...``), and
+  a loop body of assignments that update the registers from the registers, the current input
+  digit ``x`` and the constants;
+* the trace first evaluates the constants once (``k = 3 ; m = 9 ;``: the only place their values
+  are written; the prompt has only the arithmetic), then runs the loop, one line per iteration
+  (``7 : x = 0 ; b = 8 ; c = 1 ; b = 5 ;``), then writes ``answer : N``;
+* every iteration reads the constants, so their value tokens are read all along the trace, while
+  register values of older iterations are superseded and never read again: most of the trace is
+  dead weight, as in a long chain of thought;
+* the input tape keeps the register trajectory aperiodic, so a model cannot shortcut the constants
+  by copying an earlier stretch of its own trace;
+* the answer is the final value of one register, so one wrong constant anywhere spoils it.
+
+All arithmetic is modulo 10 (values are digits); a random guess is right 10% of the time. A trace
+has ``4 * constants + iterations * (6 + 4 * statements) + 3`` word tokens plus ``</s>``
+(``trace_length``), so ``iterations`` tunes it from ~100 to several thousand tokens. Everything is
+plain Python and deterministic given a seed: ``make_problem(seed, spec)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+__all__ = [
+    "TaskSpec",
+    "Problem",
+    "make_problem",
+    "problems",
+    "extract_answer",
+    "trace_length",
+    "VOCAB_WORDS",
+    "MAX_ITERATIONS",
+    "REGISTER_NAMES",
+]
+
+MAX_ITERATIONS = 400
+INPUT = "x"  # the register that holds the current input digit
+REGISTER_NAMES = tuple("abcdefghjkmnpqrstuvwyz")  # no i, l, o (they read like digits); x is the input
+OPS = ("+", "-", "*")
+BODY_OPS = ("+", "-")  # bijective in each operand: no state collapses to a fixed point
+SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
+KEYWORDS = ("=", ";", ":", "loop", "input", "?", "answer", "trace", INPUT)
+# Numbers 0..MAX_ITERATIONS are single words: digits are values, larger ones iteration numbers.
+VOCAB_WORDS = SPECIAL + KEYWORDS + OPS + REGISTER_NAMES + tuple(str(n) for n in range(MAX_ITERATIONS + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Difficulty of a problem family.
+
+    iterations: loop iterations, an inclusive range (the trace length grows linearly with it).
+    constants: constants defined by a chain of arithmetic and read by the loop body.
+    registers: state registers updated by the loop body.
+    statements: assignments in the loop body.
+    """
+
+    iterations: tuple[int, int] = (40, 60)
+    constants: int = 2
+    registers: int = 2
+    statements: int = 3
+
+    def __post_init__(self) -> None:
+        lo, hi = self.iterations
+        if not (1 <= lo <= hi <= MAX_ITERATIONS):
+            raise ValueError(f"TaskSpec.iterations: expected 1 <= lo <= hi <= {MAX_ITERATIONS}, got {self.iterations}")
+        if not 1 <= self.constants <= 4:
+            raise ValueError(f"TaskSpec.constants: expected 1..4, got {self.constants}")
+        if not 1 <= self.registers <= 4:
+            raise ValueError(f"TaskSpec.registers: expected 1..4, got {self.registers}")
+        if not max(self.constants, self.registers) <= self.statements <= 6:
+            raise ValueError(
+                f"TaskSpec.statements: expected max(constants, registers)..6 (every constant is read and every "
+                f"register written), got {self.statements}"
+            )
+
+    @classmethod
+    def for_length(cls, tokens: int, **kw) -> "TaskSpec":
+        """The spec (fixed iteration count) whose traces are closest to ``tokens`` long."""
+        base = cls(**kw)
+        per_iter = 6 + 4 * base.statements
+        n = max(1, min(MAX_ITERATIONS, round((tokens - trace_length(base, 0)) / per_iter)))
+        return dataclasses.replace(base, iterations=(n, n))
+
+
+def trace_length(spec: TaskSpec, iterations: int) -> int:
+    """Tokens the model generates for a problem with ``iterations`` iterations (``</s>`` included)."""
+    return 4 * spec.constants + iterations * (6 + 4 * spec.statements) + 3 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One problem: ``prompt`` (ends with the ``trace`` marker), the ``trace`` a correct model
+    writes (ends with ``answer : N``; ``</s>`` follows) and the ``answer`` digit as a string."""
+
+    seed: int
+    prompt: str
+    trace: str
+    answer: str
+    iterations: int
+
+    def to_json(self) -> dict:
+        return {"problem": self.prompt, "answer": self.answer, "seed": self.seed, "iterations": self.iterations}
+
+
+def _apply(op: str, x: int, y: int) -> int:
+    if op == "+":
+        return (x + y) % 10
+    if op == "-":
+        return (x - y) % 10
+    return (x * y) % 10
+
+
+def _run(body, values: dict, tape) -> dict:
+    values = dict(values)
+    for d in tape:
+        values[INPUT] = d
+        for target, a, op, b in body:
+            values[target] = _apply(op, values[a], values[b])
+    return values
+
+
+def _is_live(body, regs, consts, values, tape, asked) -> bool:
+    # Every register must (transitively, within the body) read the input.
+    follows = {INPUT}
+    changed = True
+    while changed:
+        changed = False
+        for target, a, _, b in body:
+            if target not in follows and (a in follows or b in follows):
+                follows.add(target)
+                changed = True
+    if not all(r in follows for r in regs):
+        return False
+    # Changing any constant must change the answer for most other values it could take.
+    final = _run(body, values, tape)[asked]
+    for k in consts:
+        differ = sum(_run(body, {**values, k: v}, tape)[asked] != final for v in range(1, 10) if v != values[k])
+        if differ < 6:
+            return False
+    return True
+
+
+def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
+    """The problem of ``seed`` in family ``spec`` (deterministic)."""
+    rng = random.Random(seed)
+    names = rng.sample(REGISTER_NAMES, spec.constants + spec.registers)
+    consts, regs = names[: spec.constants], names[spec.constants :]
+    iterations = rng.randint(*spec.iterations)
+
+    values: dict[str, int] = {}
+    prompt: list[str] = []
+    # Constants: the first from two literals, each later one from the previous constant and a
+    # literal. None is 0 (a zero constant would leave its statements without effect).
+    for j, k in enumerate(consts):
+        while True:
+            op = rng.choice(OPS)
+            lit = rng.randint(2, 9)
+            left = rng.randint(2, 9) if j == 0 else values[consts[j - 1]]
+            if _apply(op, left, lit) != 0:
+                break
+        prompt += [k, "=", str(left) if j == 0 else consts[j - 1], op, str(lit), ";"]
+        values[k] = _apply(op, left, lit)
+    for r in regs:
+        values[r] = rng.randint(0, 9)
+        prompt += [r, "=", str(values[r]), ";"]
+    tape = [rng.randint(0, 9) for _ in range(iterations)]
+    prompt += ["input"]
+    for t, d in enumerate(tape, 1):
+        prompt += [str(t), str(d)]
+    prompt += [";"]
+    # Loop body: statement s writes register s (then random ones); one operand is a register or the
+    # input, the other a constant (the first statements cover every constant; later ones may read a
+    # register instead). Drawn again until every register follows the input (no periodic register
+    # that could be continued by copying older lines) and the answer depends on every constant.
+    asked = rng.choice(regs)
+    while True:
+        body = []
+        for s in range(spec.statements):
+            target = regs[s] if s < len(regs) else rng.choice(regs)
+            left = rng.choice(regs + [INPUT])
+            right = consts[s] if s < len(consts) else rng.choice(consts + regs)
+            op = rng.choice(BODY_OPS)
+            if rng.random() < 0.5 and op == "+":
+                left, right = right, left
+            body.append((target, left, op, right))
+        if _is_live(body, regs, consts, values, tape, asked):
+            break
+    prompt += ["loop", str(iterations), ":"]
+    for target, a, op, b in body:
+        prompt += [target, "=", a, op, b, ";"]
+    prompt += ["?", asked, "trace"]
+
+    values = dict(values)
+    trace: list[str] = []
+    for k in consts:
+        trace += [k, "=", str(values[k]), ";"]
+    for t, d in enumerate(tape, 1):
+        values[INPUT] = d
+        trace += [str(t), ":", INPUT, "=", str(d), ";"]
+        for target, a, op, b in body:
+            values[target] = _apply(op, values[a], values[b])
+            trace += [target, "=", str(values[target]), ";"]
+    answer = str(values[asked])
+    trace += ["answer", ":", answer]
+    return Problem(seed=seed, prompt=" ".join(prompt), trace=" ".join(trace), answer=answer, iterations=iterations)
+
+
+def problems(seeds, spec: TaskSpec = TaskSpec()) -> list[Problem]:
+    """Problems for an iterable of seeds (e.g. ``range(1_000_000, 1_000_200)`` for a held-out set)."""
+    return [make_problem(int(s), spec) for s in seeds]
+
+
+_ANSWER = re.compile(r"answer\s*:\s*(-?\d+)")
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the last ``answer :`` in a generated trace, or None."""
+    found = _ANSWER.findall(text)
+    return found[-1] if found else None
