@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .policies import RPC, Policy, as_policy
+
 __all__ = ["RPCConfig"]
 
 _POOLINGS = ("avg", "max")
@@ -42,6 +44,12 @@ class RPCConfig:
         kernel_size: odd pooling width (stride 1, padding ``kernel_size // 2``).
         aggregation: ``"all"`` (one kept set per sequence and layer) or ``"group"`` (one per KV head).
         enabled: ``False`` runs the same cache path without ever compressing (for ablations).
+        policy: which tokens a compression keeps: ``"rpc"`` (default), ``"recent"``, ``"random"``,
+            ``"tova"``, ``"h2o"``, ``"snapkv"``, ``"rkv"``, or a policy object from ``rpc_py.policies``
+            with its own settings (e.g. ``SnapKV(kernel_size=7)``). Every policy shares the schedule,
+            the protected prompt, the recent window and the budget above; ``pooling``,
+            ``kernel_size`` and ``aggregation`` are RPC's scoring settings (other policies carry
+            their own). See docs/policies.md.
     """
 
     interval: int = 4096
@@ -52,8 +60,10 @@ class RPCConfig:
     kernel_size: int = 7
     aggregation: str = "all"
     enabled: bool = True
+    policy: str | Policy = "rpc"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", as_policy(self.policy))
         _check_int("interval", self.interval, 1)
         _check_int("window", self.window, 1)
         _check_int("ratio", self.ratio, 1)
@@ -73,15 +83,27 @@ class RPCConfig:
             raise ValueError(f"RPCConfig.aggregation: expected one of {_AGGREGATIONS}, got {self.aggregation!r}")
         if not isinstance(self.enabled, bool):
             raise TypeError(f"RPCConfig.enabled: expected a bool, got {type(self.enabled).__name__}")
+        if not isinstance(self.policy, RPC):
+            for name, default in (("pooling", "avg"), ("kernel_size", 7), ("aggregation", "all")):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"RPCConfig.{name} is RPC's scoring setting; with policy={self.policy.name!r} set it on the "
+                        f"policy object instead, e.g. policy={type(self.policy).__name__}(...)"
+                    )
 
     def __repr__(self) -> str:
         if not self.enabled:
             return "RPCConfig(enabled=False)"
         budget = "" if self.budget is None else f", budget={self.budget}"
-        return (
-            f"RPCConfig(interval={self.interval}, window={self.window}, ratio={self.ratio}{budget}, "
-            f"pooling={self.pooling!r}, kernel_size={self.kernel_size}, aggregation={self.aggregation!r})"
-        )
+        head = f"RPCConfig(interval={self.interval}, window={self.window}, ratio={self.ratio}{budget}, "
+        if isinstance(self.policy, RPC):
+            return head + f"pooling={self.pooling!r}, kernel_size={self.kernel_size}, aggregation={self.aggregation!r})"
+        return head + f"policy={self.policy!r})"
+
+    @property
+    def policy_name(self) -> str:
+        """``"rpc"``, ``"recent"``, ... (``"none"`` when compression is disabled)."""
+        return self.policy.name if self.enabled else "none"
 
     def replace(self, **changes) -> "RPCConfig":
         """A copy with some fields changed (validated again)."""

@@ -31,6 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import RPCConfig
+from ..policies import RPC, ScoreContext
 
 __all__ = ["RPCCache", "RPCCacheLayer", "CompressionEvent", "RPCStats"]
 
@@ -287,8 +288,10 @@ class RPCCacheLayer(CacheLayerMixin):
         kv = self.cache.kvcache
         stream = _stream_of(query)
         m = self.length - self.prompt_length - self.kept
+        if rpc.policy.uses_accumulators and query.shape[-2] == 1:
+            kv.accumulate(self.layer_idx, query, stream=stream)  # H2O: attention received, every step
         # Only the last R queries before a compression are ever scored; skip the others.
-        if query.shape[-2] == 1 and m > rpc.interval:
+        if query.shape[-2] == 1 and m > rpc.interval and rpc.policy.uses_queries:
             kv.record_query(self.layer_idx, query, stream=stream)
         if self.compress_due:
             self._compress(stream)
@@ -318,20 +321,26 @@ class RPCCacheLayer(CacheLayerMixin):
         length_before = self.length
         if hook is not None:
             k_before, v_before = (t.clone() for t in self._views())
-            queries = torch.from_dlpack(kv.queries(i)).clone()
+            queries = torch.from_dlpack(kv.queries(i)).clone() if rpc.policy.uses_queries else None
         timer = cache._timer_start(self.device)
-        result = kv.compress(
-            i,
-            start,
-            keep,
-            aggregation=rpc.aggregation,
-            pooling=rpc.pooling,
-            kernel_size=rpc.kernel_size,
-            stream=stream,
-            return_details=hook is not None,
-        )
+        if isinstance(rpc.policy, RPC):
+            result = kv.compress(
+                i,
+                start,
+                keep,
+                aggregation=rpc.aggregation,
+                pooling=rpc.pooling,
+                kernel_size=rpc.kernel_size,
+                stream=stream,
+                return_details=hook is not None,
+            )
+            new_length = result[0] if hook is not None else result
+            scores = indices = None
+            if hook is not None:
+                scores, indices = _to_torch(result[1]), _to_torch(result[2])
+        else:
+            new_length, scores, indices = self._compress_policy(rpc.policy, start, keep, stream)
         cache._timer_stop(timer)
-        new_length = result[0] if hook is not None else result
         expected = start + keep + rpc.window
         if new_length != expected:
             raise RuntimeError(
@@ -353,10 +362,37 @@ class RPCCacheLayer(CacheLayerMixin):
                     keys=k_before,
                     values=v_before,
                     queries=queries,
-                    scores=_to_torch(result[1]).clone(),
-                    indices=_to_torch(result[2]).clone(),
+                    scores=scores.clone(),
+                    indices=indices.clone(),
                 )
             )
+
+    def _compress_policy(self, policy, start: int, keep: int, stream):
+        """Scores from the policy, then the shared select and in-place compaction kernels."""
+        from .. import _C
+
+        cache = self.cache
+        kv = cache.kvcache
+        keys, _ = self._views()
+        ctx = ScoreContext(
+            kvcache=kv,
+            layer=self.layer_idx,
+            compression=self.compressions,
+            start=start,
+            end=self.length - cache.rpc.window,
+            length=self.length,
+            window=cache.rpc.window,
+            q_heads=cache.num_q_heads,
+            kv_heads=keys.shape[1],
+            batch=keys.shape[0],
+            padding=cache.padding_for(keys.shape[0]),
+            keys=keys,
+            stream=stream,
+        )
+        scores = policy.scores(ctx).to(torch.float32).contiguous()
+        indices = _to_torch(_C.select(scores, keep, stream=stream))
+        new_length = kv.compact(self.layer_idx, start, indices, stream=stream)
+        return new_length, scores, indices
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -474,17 +510,23 @@ class RPCCache(Cache):
             fixed_capacity=False,
             window=self.rpc.window if self.rpc.enabled else 0,
             q_heads=self.num_q_heads,
+            **({"accumulators": True} if self.rpc.enabled and self.rpc.policy.uses_accumulators else {}),
         )
         if self.padding is not None:
-            padding = self.padding
-            if len(padding) != batch:
-                if len(padding) == 0 or batch % len(padding) != 0:
-                    raise ValueError(
-                        f"RPCCache: padding: expected {batch} per-sequence counts (the batch), got {len(padding)}"
-                    )
-                padding = [p for p in padding for _ in range(batch // len(padding))]
-            self.kvcache.set_padding(padding)
+            if len(self.padding) == 0 or batch % len(self.padding) != 0:
+                raise ValueError(
+                    f"RPCCache: padding: expected {batch} per-sequence counts (the batch), got {len(self.padding)}"
+                )
+            self.kvcache.set_padding(self.padding_for(batch))
         self.batch_size_ = batch
+
+    def padding_for(self, batch: int) -> list[int]:
+        """Left-padding count of every sequence of the batch (zeros when unknown)."""
+        if self.padding is None:
+            return [0] * batch
+        if len(self.padding) == batch:
+            return list(self.padding)
+        return [p for p in self.padding for _ in range(batch // len(self.padding))]
 
     def _timer_start(self, device):
         if device is not None and device.type == "cuda":

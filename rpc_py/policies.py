@@ -1,0 +1,293 @@
+"""Selection policies: which generated tokens a compression keeps (docs/policies.md).
+
+Every policy runs inside the same ``RPCCache``, on RPC's schedule (a compression every ``interval``
+tokens after the first ``interval + window``), with the same protected prompt, the same always-kept
+recent ``window`` and the same number of kept tokens (``RPCConfig.kept_after``, capped by ``budget``).
+Only the scores that rank the candidates differ; selection (top-k, ties to the lower index, kept in
+original order) and in-place compaction are shared C kernels. So an ablation over policies isolates
+the rule itself.
+
+A policy is a small frozen dataclass: ``RPCConfig(policy="snapkv")`` uses the defaults below,
+``RPCConfig(policy=SnapKV(kernel_size=7))`` sets them. ``rpc`` takes its scoring settings from
+``RPCConfig`` (``pooling``, ``kernel_size``, ``aggregation``), as before policies existed, and runs the
+fused RPC kernel (``KVCache.compress``), unchanged. The others compute scores with the kernels of
+``rpc_py._C`` (``attn_scores``, ``redundancy``, ``fill_scores``, H2O's accumulators) and then call
+``select`` and ``KVCache.compact``. Their float64 oracle is ``rpc_py.policy_reference``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = ["Policy", "RPC", "Recent", "Random", "TOVA", "H2O", "SnapKV", "RKV", "POLICIES", "as_policy"]
+
+_AGGREGATIONS = ("all", "group")
+_POOLINGS = ("avg", "max")
+
+
+def _check_choice(owner, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}: expected one of {choices}, got {value!r}")
+
+
+def _check_kernel(owner, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 == 0:
+        raise ValueError(f"{owner}.kernel_size: expected an odd int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class. ``name`` is what statistics, tables and ``RPCConfig(policy=...)`` call it."""
+
+    name: ClassVar[str] = ""
+    #: the policy reads the selector-query ring (the last ``window`` decode queries)
+    uses_queries: ClassVar[bool] = True
+    #: the policy needs per-token accumulated attention, updated at every decode step (H2O)
+    uses_accumulators: ClassVar[bool] = False
+
+    def rows(self, kv_heads: int) -> int:
+        """Index sets per sequence: 1 (one for all heads) or ``kv_heads`` (one per KV head)."""
+        return 1 if getattr(self, "aggregation", "all") == "all" else kv_heads
+
+    def scores(self, ctx: "ScoreContext"):
+        """Scores ``[B, A, N]`` (float32 torch tensor on the cache's device) of the candidates."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RPC(Policy):
+    """Reasoning Path Compression (Song et al., NeurIPS 2025): attention of the last ``window``
+    queries, softmax over the candidates, summed over queries, averaged over heads, pooled. Its
+    settings are ``RPCConfig.pooling`` / ``kernel_size`` / ``aggregation``."""
+
+    name: ClassVar[str] = "rpc"
+
+
+@dataclass(frozen=True)
+class Recent(Policy):
+    """Keep the most recent candidates (StreamingLLM-style, Xiao et al. ICLR 2024; here the protected
+    prompt plays the attention sink)."""
+
+    name: ClassVar[str] = "recent"
+    uses_queries: ClassVar[bool] = False
+
+    def scores(self, ctx):
+        return ctx.fill("recent", 1)
+
+
+@dataclass(frozen=True)
+class Random(Policy):
+    """A uniformly random subset of the candidates, drawn anew at every compression from a
+    counter-based hash of (seed, layer, compression, row, candidate): the same on every device."""
+
+    name: ClassVar[str] = "random"
+    uses_queries: ClassVar[bool] = False
+    seed: int = 0
+    aggregation: str = "all"
+
+    def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"Random.seed: expected an int >= 0, got {self.seed!r}")
+        _check_choice("Random", "aggregation", self.aggregation, _AGGREGATIONS)
+
+    def scores(self, ctx):
+        return ctx.fill("random", self.rows(ctx.kv_heads), seed=self.seed)
+
+
+@dataclass(frozen=True)
+class TOVA(Policy):
+    """Token Omission Via Attention (Oren et al., 2024): the newest query's attention (softmax over
+    every cached token), averaged over heads; no pooling."""
+
+    name: ClassVar[str] = "tova"
+    aggregation: str = "all"
+
+    def __post_init__(self):
+        _check_choice("TOVA", "aggregation", self.aggregation, _AGGREGATIONS)
+
+    def scores(self, ctx):
+        return ctx.attention(ctx.newest_query(), [ctx.length - 1], norm="causal", aggregation=self.aggregation)
+
+
+@dataclass(frozen=True)
+class H2O(Policy):
+    """Heavy-Hitter Oracle (Zhang et al., NeurIPS 2023): attention each token has received, summed
+    over every decode step since it was written (softmax over every cached token), averaged over
+    heads; no pooling. The cache keeps a float32 accumulator per token, compacted with K/V."""
+
+    name: ClassVar[str] = "h2o"
+    uses_queries: ClassVar[bool] = False
+    uses_accumulators: ClassVar[bool] = True
+    aggregation: str = "all"
+
+    def __post_init__(self):
+        _check_choice("H2O", "aggregation", self.aggregation, _AGGREGATIONS)
+
+    def scores(self, ctx):
+        acc = ctx.accumulator()[:, :, ctx.start : ctx.end]  # [B, Hkv, N], sums over each KV head's G heads
+        if self.aggregation == "all":
+            return (acc.sum(dim=1, keepdim=True) / ctx.q_heads).contiguous()
+        return (acc / (ctx.q_heads // ctx.kv_heads)).contiguous()
+
+
+@dataclass(frozen=True)
+class SnapKV(Policy):
+    """SnapKV (Li et al., NeurIPS 2024) applied at each compression: the window queries' attention
+    (softmax over every token each query saw), summed over the window, averaged over each KV head's
+    query heads and selected per KV head (``group``), pooled (the published code's default: average,
+    kernel 5)."""
+
+    name: ClassVar[str] = "snapkv"
+    pooling: str = "avg"
+    kernel_size: int = 5
+    aggregation: str = "group"
+
+    def __post_init__(self):
+        _check_choice("SnapKV", "pooling", self.pooling, _POOLINGS)
+        _check_kernel("SnapKV", self.kernel_size)
+        _check_choice("SnapKV", "aggregation", self.aggregation, _AGGREGATIONS)
+
+    def scores(self, ctx):
+        queries, positions = ctx.window_queries()
+        return ctx.attention(queries, positions, norm="causal", aggregation=self.aggregation,
+                             pooling=self.pooling, kernel_size=self.kernel_size)
+
+
+@dataclass(frozen=True)
+class RKV(Policy):
+    """R-KV (Cai et al., 2025): ``mix_lambda * importance - (1 - mix_lambda) * redundancy`` per KV
+    head. Importance: the window queries' attention with each group's logits max-pooled (softmax over
+    every token older than the window, mean over queries, max-pooled along the sequence, kernel 7).
+    Redundancy: how similar (cosine) a key is to the others, the newest of near-duplicates (similarity
+    above ``threshold``) spared. Defaults are the published code's."""
+
+    name: ClassVar[str] = "rkv"
+    mix_lambda: float = 0.07
+    threshold: float = 0.5
+    pooling: str = "max"
+    kernel_size: int = 7
+    aggregation: str = "group"
+
+    def __post_init__(self):
+        for field in ("mix_lambda", "threshold"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"RKV.{field}: expected a float, got {type(v).__name__}")
+        if not 0.0 <= self.mix_lambda <= 1.0:
+            raise ValueError(f"RKV.mix_lambda: expected a value in [0, 1], got {self.mix_lambda}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"RKV.threshold: expected a cosine similarity in [-1, 1], got {self.threshold}")
+        _check_choice("RKV", "pooling", self.pooling, _POOLINGS)
+        _check_kernel("RKV", self.kernel_size)
+        _check_choice("RKV", "aggregation", self.aggregation, _AGGREGATIONS)
+
+    def scores(self, ctx):
+        queries, _ = ctx.window_queries()
+        importance = ctx.attention(queries, None, norm="past", gqa="max_logits", query_reduce="mean",
+                                   aggregation="group", pooling=self.pooling, kernel_size=self.kernel_size)
+        redundancy = ctx.redundancy(self.threshold)[:, :, ctx.start : ctx.end]
+        mixed = self.mix_lambda * importance - (1.0 - self.mix_lambda) * redundancy
+        if self.aggregation == "all":
+            mixed = mixed.mean(dim=1, keepdim=True)
+        return mixed.contiguous()
+
+
+POLICIES = {cls.name: cls for cls in (RPC, Recent, Random, TOVA, H2O, SnapKV, RKV)}
+
+
+def as_policy(value) -> Policy:
+    """A Policy instance from a name or an instance (``RPCConfig`` calls this)."""
+    if isinstance(value, Policy):
+        if type(value) is Policy:
+            raise TypeError("policy: Policy is the base class; use RPC(), Recent(), SnapKV(), ...")
+        return value
+    if isinstance(value, str):
+        cls = POLICIES.get(value.lower())
+        if cls is None:
+            raise ValueError(f"RPCConfig.policy: expected one of {tuple(POLICIES)} or a policy object, got {value!r}")
+        return cls()
+    raise TypeError(f"RPCConfig.policy: expected a policy name or object, got {type(value).__name__}")
+
+
+@dataclasses.dataclass
+class ScoreContext:
+    """What a policy may look at during one compression of one layer (built by the cache)."""
+
+    kvcache: object  # rpc_py._C.KVCache
+    layer: int
+    compression: int  # compressions this layer has done before this one
+    start: int  # candidates are [start, end); the prompt is [0, start)
+    end: int
+    length: int  # live tokens L; the window is [end, L)
+    window: int
+    q_heads: int
+    kv_heads: int
+    batch: int
+    padding: list  # left-padding per sequence
+    keys: object  # torch view [B, Hkv, L, D]
+    stream: object = None
+
+    @property
+    def n(self) -> int:
+        return self.end - self.start
+
+    def _torch(self, x):
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            return x
+        if self.keys.device.type == "cuda":
+            return torch.from_dlpack(x)
+        return torch.as_tensor(x)
+
+    def fill(self, kind: str, rows: int, *, seed: int = 0):
+        from . import _C
+
+        device = "cpu" if self.keys.device.type == "cpu" else f"cuda:{self.keys.device.index or 0}"
+        out = _C.fill_scores(kind, self.batch, rows, self.n, seed=seed, layer=self.layer,
+                             compression=self.compression, device=device, stream=self.stream)
+        return self._torch(out)
+
+    def window_queries(self):
+        """The ring ``[B, Hq, R, D]`` (slot order) and each slot's key position."""
+        import torch
+
+        kv = self.kvcache
+        ring = torch.from_dlpack(kv.queries(self.layer))
+        count = kv.num_queries(self.layer)
+        if count < self.window:
+            raise RuntimeError(f"layer {self.layer}: {count} selector queries recorded, {self.window} needed")
+        head = kv.ring_position(self.layer)  # next slot to write: slot head - 1 holds the newest query
+        positions = [self.length - 1 - ((head - 1 - s) % self.window) for s in range(self.window)]
+        return ring, positions
+
+    def newest_query(self):
+        import torch
+
+        kv = self.kvcache
+        if kv.num_queries(self.layer) < 1:
+            raise RuntimeError(f"layer {self.layer}: no selector query recorded")
+        ring = torch.from_dlpack(kv.queries(self.layer))
+        slot = (kv.ring_position(self.layer) - 1) % self.window
+        return ring[:, :, slot : slot + 1]
+
+    def attention(self, queries, positions, *, norm, aggregation, gqa="mean_probs", query_reduce="sum",
+                  pooling="avg", kernel_size=1):
+        from . import _C
+
+        out = _C.attn_scores(queries, self.keys, self.start, self.end, query_positions=positions,
+                             padding=self.padding, norm=norm, gqa=gqa, query_reduce=query_reduce,
+                             aggregation=aggregation, pooling=pooling, kernel_size=kernel_size, stream=self.stream)
+        return self._torch(out)
+
+    def redundancy(self, threshold: float):
+        from . import _C
+
+        return self._torch(_C.redundancy(self.keys, padding=self.padding, threshold=threshold, stream=self.stream))
+
+    def accumulator(self):
+        import torch
+
+        return torch.from_dlpack(self.kvcache.accumulator(self.layer))
