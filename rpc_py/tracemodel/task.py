@@ -9,9 +9,10 @@ prompt, which RPC never compresses), buried in a long trace that is mostly dead 
   state registers with initial values, an input tape of numbered digits (``1 4 2 0 3 7 ...``), and
   a loop body of assignments that update the registers from the registers, the current input
   digit ``x`` and the constants;
-* the trace first evaluates the constants once (``k = 3 ; m = 9 ;``: the only place their values
-  are written; the prompt has only the arithmetic), then runs the loop, one line per iteration
-  (``7 : x = 0 ; b = 8 ; c = 1 ; b = 5 ;``), then writes ``answer : N``;
+* the trace first evaluates the constants once (``k = 7 + 6 = 3 ; m = k * 3 = 9 ;``: the only
+  place their values are written), then runs the loop, one line per iteration: the iteration number
+  and its input digit, then every assignment restated with its result
+  (``7 0 : b = x + k = 3 ; c = c - m = 1 ; b = b + c = 4 ;``), then writes ``answer : N``;
 * every iteration reads the constants, so their value tokens are read all along the trace, while
   register values of older iterations are superseded and never read again: most of the trace is
   dead weight, as in a long chain of thought;
@@ -20,7 +21,7 @@ prompt, which RPC never compresses), buried in a long trace that is mostly dead 
 * the answer is the final value of one register, so one wrong constant anywhere spoils it.
 
 All arithmetic is modulo 10 (values are digits); a random guess is right 10% of the time. A trace
-has ``4 * constants + iterations * (6 + 4 * statements) + 3`` word tokens plus ``</s>``
+has ``8 * constants + iterations * (3 + 8 * statements) + 3`` word tokens plus ``</s>``
 (``trace_length``), so ``iterations`` tunes it from ~100 to several thousand tokens. Everything is
 plain Python and deterministic given a seed: ``make_problem(seed, spec)``.
 """
@@ -87,14 +88,14 @@ class TaskSpec:
     def for_length(cls, tokens: int, **kw) -> "TaskSpec":
         """The spec (fixed iteration count) whose traces are closest to ``tokens`` long."""
         base = cls(**kw)
-        per_iter = 6 + 4 * base.statements
+        per_iter = 3 + 8 * base.statements
         n = max(1, min(MAX_ITERATIONS, round((tokens - trace_length(base, 0)) / per_iter)))
         return dataclasses.replace(base, iterations=(n, n))
 
 
 def trace_length(spec: TaskSpec, iterations: int) -> int:
     """Tokens the model generates for a problem with ``iterations`` iterations (``</s>`` included)."""
-    return 4 * spec.constants + iterations * (6 + 4 * spec.statements) + 3 + 1
+    return 8 * spec.constants + iterations * (3 + 8 * spec.statements) + 3 + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,7 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
 
     values: dict[str, int] = {}
     prompt: list[str] = []
+    const_lines: list[list[str]] = []
     # Constants: the first from two literals, each later one from the previous constant and a
     # literal. None is 0 (a zero constant would leave its statements without effect).
     for j, k in enumerate(consts):
@@ -168,8 +170,10 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
             left = rng.randint(2, 9) if j == 0 else values[consts[j - 1]]
             if _apply(op, left, lit) != 0:
                 break
-        prompt += [k, "=", str(left) if j == 0 else consts[j - 1], op, str(lit), ";"]
+        line = [k, "=", str(left) if j == 0 else consts[j - 1], op, str(lit)]
         values[k] = _apply(op, left, lit)
+        prompt += line + [";"]
+        const_lines.append(line + ["=", str(values[k]), ";"])
     for r in regs:
         values[r] = rng.randint(0, 9)
         prompt += [r, "=", str(values[r]), ";"]
@@ -202,14 +206,14 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
 
     values = dict(values)
     trace: list[str] = []
-    for k in consts:
-        trace += [k, "=", str(values[k]), ";"]
+    for line in const_lines:
+        trace += line
     for t, d in enumerate(tape, 1):
         values[INPUT] = d
-        trace += [str(t), ":", INPUT, "=", str(d), ";"]
+        trace += [str(t), str(d), ":"]
         for target, a, op, b in body:
             values[target] = _apply(op, values[a], values[b])
-            trace += [target, "=", str(values[target]), ";"]
+            trace += [target, "=", a, op, b, "=", str(values[target]), ";"]
     answer = str(values[asked])
     trace += ["answer", ":", answer]
     return Problem(seed=seed, prompt=" ".join(prompt), trace=" ".join(trace), answer=answer, iterations=iterations)
