@@ -6,13 +6,13 @@ final answer that depends on a few tokens written far back *by the model itself*
 prompt, which RPC never compresses), buried in a long trace that is mostly dead weight. Here:
 
 * the prompt is a program: constants defined by a chain of arithmetic (``k = 7 + 6 ; m = k * 3``),
-  state registers with initial values, an input tape of numbered digits (``1 4 2 0 3 7 ...``), and
+  state registers with initial values, an input tape of numbered digits (``#1 4 #2 0 #3 7 ...``), and
   a loop body of assignments that update the registers from the registers, the current input
   digit ``x`` and the constants;
 * the trace first evaluates the constants once (``k = 7 + 6 = 3 ; m = k * 3 = 9 ;``: the only
   place their values are written), then runs the loop, one line per iteration: the iteration number
   and its input digit, then every assignment restated with its result
-  (``7 0 : b = x + k = 3 ; c = c - m = 1 ; b = b + c = 4 ;``), then writes ``answer : N``;
+  (``#7 0 : b = x + k = 3 ; c = c - m = 1 ; b = b + c = 4 ;``), then writes ``answer : N``;
 * every iteration reads the constants, so their value tokens are read all along the trace, while
   register values of older iterations are superseded and never read again: most of the trace is
   dead weight, as in a long chain of thought;
@@ -51,8 +51,10 @@ OPS = ("+", "-", "*")
 BODY_OPS = ("+", "-")  # bijective in each operand: no state collapses to a fixed point
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
 KEYWORDS = ("=", ";", ":", "loop", "input", "?", "answer", "trace", INPUT)
-# Numbers 0..MAX_ITERATIONS are single words: digits are values, larger ones iteration numbers.
-VOCAB_WORDS = SPECIAL + KEYWORDS + OPS + REGISTER_NAMES + tuple(str(n) for n in range(MAX_ITERATIONS + 1))
+# Digits are values; iteration numbers are words of their own (``#1`` .. ``#400``), so that an
+# iteration number is never confused with a value and appears once in the prompt and once in the trace.
+VOCAB_WORDS = (SPECIAL + KEYWORDS + OPS + REGISTER_NAMES + tuple(str(n) for n in range(10))
+               + tuple(f"#{n}" for n in range(1, MAX_ITERATIONS + 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,19 +132,26 @@ def _run(body, values: dict, tape) -> dict:
     return values
 
 
+def _trajectories(body, values: dict, tape) -> dict:
+    values = dict(values)
+    seen: dict = {}
+    for d in tape:
+        values[INPUT] = d
+        for target, a, op, b in body:
+            values[target] = _apply(op, values[a], values[b])
+            seen.setdefault(target, []).append(values[target])
+    return seen
+
+
 def _is_live(body, regs, consts, values, tape, asked) -> bool:
-    # Every register must (transitively, within the body) read the input.
-    follows = {INPUT}
-    changed = True
-    while changed:
-        changed = False
-        for target, a, _, b in body:
-            if target not in follows and (a in follows or b in follows):
-                follows.add(target)
-                changed = True
-    if not all(r in follows for r in regs):
+    # Every register's trajectory must follow the input: shifting every input digit changes it.
+    # (A register that ignores the input is periodic, and a model could continue it by copying its
+    # own older lines instead of reading the constants.)
+    base = _trajectories(body, values, tape)
+    shifted = _trajectories(body, values, [(d + 1) % 10 for d in tape])
+    if any(r not in base or base[r] == shifted[r] for r in regs):
         return False
-    # Changing any constant must change the answer for most other values it could take.
+    # Reading any constant as another value must change the answer for most of those values.
     final = _run(body, values, tape)[asked]
     for k in consts:
         differ = sum(_run(body, {**values, k: v}, tape)[asked] != final for v in range(1, 10) if v != values[k])
@@ -180,7 +189,7 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
     tape = [rng.randint(0, 9) for _ in range(iterations)]
     prompt += ["input"]
     for t, d in enumerate(tape, 1):
-        prompt += [str(t), str(d)]
+        prompt += [f"#{t}", str(d)]
     prompt += [";"]
     # Loop body: statement s writes register s (then random ones); one operand is a register or the
     # input, the other a constant (the first statements cover every constant; later ones may read a
@@ -199,7 +208,7 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
             body.append((target, left, op, right))
         if _is_live(body, regs, consts, values, tape, asked):
             break
-    prompt += ["loop", str(iterations), ":"]
+    prompt += ["loop", f"#{iterations}", ":"]
     for target, a, op, b in body:
         prompt += [target, "=", a, op, b, ";"]
     prompt += ["?", asked, "trace"]
@@ -210,7 +219,7 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
         trace += line
     for t, d in enumerate(tape, 1):
         values[INPUT] = d
-        trace += [str(t), str(d), ":"]
+        trace += [f"#{t}", str(d), ":"]
         for target, a, op, b in body:
             values[target] = _apply(op, values[a], values[b])
             trace += [target, "=", a, op, b, "=", str(values[target]), ";"]

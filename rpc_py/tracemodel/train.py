@@ -95,11 +95,18 @@ def teacher_forced_accuracy(model, tokenizer, spec, seeds):
     return token_acc, ok.all(-1).float().mean().item()
 
 
+def save(model, tokenizer, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rpc_py.tracemodel.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--tokens-per-batch", type=int, default=12288)
+    p.add_argument("--tokens-per-batch", type=int, default=4096)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -142,8 +149,8 @@ def main(argv=None) -> int:
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
-    eval_spec = TaskSpec(iterations=(40, 60), **SPEC_DEFAULTS)
-    eval_seeds = list(range(HELD_OUT_START, HELD_OUT_START + 16))
+    eval_spec = TaskSpec(iterations=(30, 40), **SPEC_DEFAULTS)
+    eval_seeds = list(range(HELD_OUT_START, HELD_OUT_START + 8))
     log = []
     t0 = time.time()
     tokens_seen = 0
@@ -175,18 +182,16 @@ def main(argv=None) -> int:
             log.append({"step": step, "loss": loss.item(), "minutes": el / 60})
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             tok_acc, seq_acc = teacher_forced_accuracy(model, tokenizer, eval_spec, eval_seeds)
-            print(f"  eval (teacher-forced, 40-60 iterations): token acc {tok_acc:.4f}, exact traces {seq_acc:.3f}",
+            print(f"  eval (teacher-forced, 30-40 iterations): token acc {tok_acc:.4f}, exact traces {seq_acc:.3f}",
                   flush=True)
             log[-1].update(token_acc=tok_acc, exact_traces=seq_acc)
+            save(model, tokenizer, args.out)  # a checkpoint at every evaluation
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
             break
 
-    os.makedirs(args.out, exist_ok=True)
     model.eval()
-    model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
-    model.generation_config.save_pretrained(args.out)
+    save(model, tokenizer, args.out)
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({"args": vars(args), "params": n_params, "minutes": (time.time() - t0) / 60,
                    "tokens": tokens_seen, "torch": torch.__version__, "log": log}, f, indent=1)
