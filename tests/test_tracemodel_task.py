@@ -45,10 +45,11 @@ def _run(defs, tape, n, body, asked, override=None):
     """Evaluate; ``override`` replaces constants' values as the loop reads them (after all definitions).
     Returns (constants, assignments, env)."""
     env, consts = {}, []
-    for target, _, *expr in defs:
-        if len(expr) == 1:
+    for target, *expr in defs:
+        if len(expr) == 1:  # a register's initial value: "b 4"
             env[target] = int(expr[0])
         else:
+            expr = expr[1:]  # drop "="
             a, op, b = (env[w] if w in env else int(w) for w in (expr[0],)), expr[1], expr[2]
             a = next(a)
             b = env[b] if b in env else int(b)
@@ -73,8 +74,12 @@ def test_trace_is_the_programs_evaluation(seed):
     assert n == p.iterations == len(tape)
     consts, values, env = _run(defs, tape, n, body, asked)
     assert p.answer == str(env[asked])
-    written = [int(v) for v in re.findall(r"= (\d) ;", p.trace)]
-    assert written == [v for _, v in consts] + [v for _, v in values]  # constants first, then every assignment
+    written = [(t, int(v)) for t, v in re.findall(r": (\w) (\d) ;", p.trace)]
+    assert written == consts + values  # constants first, then every assignment, each "name value"
+    # every register or input operand is restated with its current value; constants never are
+    const_names = {c for c, _ in consts}
+    for name, value in re.findall(r"(\w) (\d) [-+:]", p.trace.split("#1 ", 1)[1]):
+        assert name not in const_names
     assert extract_answer(p.trace) == p.answer
     assert p.prompt.endswith("trace") and p.trace.endswith(f"answer : {p.answer}")
 
@@ -83,10 +88,12 @@ def test_trace_length_formula_and_for_length():
     for seed in range(20):
         spec = TaskSpec(iterations=(1, 30), constants=1 + seed % 3, registers=1 + seed % 2, statements=3 + seed % 2)
         p = make_problem(seed, spec)
-        assert len(p.trace.split()) + 1 == trace_length(spec, p.iterations)
+        assert p.trace_tokens == len(p.trace.split()) + 1
+        lower = 9 * spec.constants + p.iterations * (4 + 10 * spec.statements) + 4
+        assert lower <= p.trace_tokens <= trace_length(spec, p.iterations)
     for tokens in (300, 1000, 3000):
         spec = TaskSpec.for_length(tokens)
-        assert abs(trace_length(spec, spec.iterations[0]) - tokens) <= 3 + 8 * spec.statements
+        assert abs(trace_length(spec, spec.iterations[0]) - tokens) <= 4 + 11 * spec.statements
 
 
 def test_answer_depends_on_every_constant_and_registers_follow_input():

@@ -6,24 +6,28 @@ final answer that depends on a few tokens written far back *by the model itself*
 prompt, which RPC never compresses), buried in a long trace that is mostly dead weight. Here:
 
 * the prompt is a program: constants defined by a chain of arithmetic (``k = 7 + 6 ; m = k * 3``),
-  state registers with initial values, an input tape of numbered digits (``#1 4 #2 0 #3 7 ...``), and
-  a loop body of assignments that update the registers from the registers, the current input
-  digit ``x`` and the constants;
-* the trace first evaluates the constants once (``k = 7 + 6 = 3 ; m = k * 3 = 9 ;``: the only
-  place their values are written), then runs the loop, one line per iteration: the iteration number
-  and its input digit, then every assignment restated with its result
-  (``#7 0 : b = x + k = 3 ; c = c - m = 1 ; b = b + c = 4 ;``), then writes ``answer : N``;
-* every iteration reads the constants, so their value tokens are read all along the trace, while
-  register values of older iterations are superseded and never read again: most of the trace is
-  dead weight, as in a long chain of thought;
-* the input tape keeps the register trajectory aperiodic, so a model cannot shortcut the constants
-  by copying an earlier stretch of its own trace;
-* the answer is the final value of one register, so one wrong constant anywhere spoils it.
+  state registers with initial values (``b 4 ; c 0``), an input tape of numbered digits
+  (``input #1 4 #2 0 #3 7 ...``) and a loop body of assignments that update the registers from the
+  registers, the current input digit ``x`` and the constants (``b = x + k ; c = c - m ; ...``);
+* the trace first evaluates the constants once (``k = 7 + 6 : k 3 ; m = k * 3 : m 9 ;``), the only
+  place their values are written, then runs the loop, one line per iteration: the iteration number
+  and its input digit, then every assignment with the current values of the registers it reads
+  restated, and its result (``#7 x 0 : b = x 0 + k : b 3 ; c = c 4 - m : c 5 ;``), then
+  ``answer : N``. A value is always written right after its name (``b 3``), as in a reasoning trace
+  that restates the quantities it works with;
+* constants are read by every iteration but never restated: their values stay where they were
+  written, at the start of the trace, and the model must attend back to them all along; register
+  values of older iterations are superseded and never read again, so most of the trace is dead
+  weight, as in a long chain of thought;
+* the input tape keeps every register's trajectory aperiodic, so a model cannot shortcut the
+  constants by continuing an earlier stretch of its own trace;
+* the answer is the final value of one register, so one misread constant anywhere spoils it.
 
-All arithmetic is modulo 10 (values are digits); a random guess is right 10% of the time. A trace
-has ``8 * constants + iterations * (3 + 8 * statements) + 3`` word tokens plus ``</s>``
-(``trace_length``), so ``iterations`` tunes it from ~100 to several thousand tokens. Everything is
-plain Python and deterministic given a seed: ``make_problem(seed, spec)``.
+All arithmetic is modulo 10 (values are digits); a random guess is right 10% of the time. A loop
+line has ``4 + 10`` or ``4 + 11`` tokens per assignment (reading a constant or not), so the number
+of iterations tunes the trace from ~100 to several thousand tokens (``trace_length``,
+``TaskSpec.for_length``). Everything is plain Python and deterministic given a seed:
+``make_problem(seed, spec)``.
 """
 
 from __future__ import annotations
@@ -90,14 +94,16 @@ class TaskSpec:
     def for_length(cls, tokens: int, **kw) -> "TaskSpec":
         """The spec (fixed iteration count) whose traces are closest to ``tokens`` long."""
         base = cls(**kw)
-        per_iter = 3 + 8 * base.statements
+        per_iter = 4 + 11 * base.statements
         n = max(1, min(MAX_ITERATIONS, round((tokens - trace_length(base, 0)) / per_iter)))
         return dataclasses.replace(base, iterations=(n, n))
 
 
 def trace_length(spec: TaskSpec, iterations: int) -> int:
-    """Tokens the model generates for a problem with ``iterations`` iterations (``</s>`` included)."""
-    return 8 * spec.constants + iterations * (3 + 8 * spec.statements) + 3 + 1
+    """Most tokens the model generates for a problem of ``spec`` with ``iterations`` iterations
+    (``</s>`` included): the count when every statement reads two registers; a statement that reads
+    a constant is one token shorter (``Problem.trace_tokens`` is the exact count)."""
+    return 9 * spec.constants + iterations * (4 + 11 * spec.statements) + 3 + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +116,11 @@ class Problem:
     trace: str
     answer: str
     iterations: int
+
+    @property
+    def trace_tokens(self) -> int:
+        """Tokens a correct model generates: the trace plus ``</s>``."""
+        return len(self.trace.split()) + 1
 
     def to_json(self) -> dict:
         return {"problem": self.prompt, "answer": self.answer, "seed": self.seed, "iterations": self.iterations}
@@ -182,10 +193,10 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
         line = [k, "=", str(left) if j == 0 else consts[j - 1], op, str(lit)]
         values[k] = _apply(op, left, lit)
         prompt += line + [";"]
-        const_lines.append(line + ["=", str(values[k]), ";"])
+        const_lines.append(line + [":", k, str(values[k]), ";"])
     for r in regs:
         values[r] = rng.randint(0, 9)
-        prompt += [r, "=", str(values[r]), ";"]
+        prompt += [r, str(values[r]), ";"]
     tape = [rng.randint(0, 9) for _ in range(iterations)]
     prompt += ["input"]
     for t, d in enumerate(tape, 1):
@@ -219,10 +230,11 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
         trace += line
     for t, d in enumerate(tape, 1):
         values[INPUT] = d
-        trace += [f"#{t}", str(d), ":"]
+        trace += [f"#{t}", INPUT, str(d), ":"]
         for target, a, op, b in body:
+            operands = [[a] if a in consts else [a, str(values[a])], [op], [b] if b in consts else [b, str(values[b])]]
             values[target] = _apply(op, values[a], values[b])
-            trace += [target, "=", a, op, b, "=", str(values[target]), ";"]
+            trace += [target, "="] + sum(operands, []) + [":", target, str(values[target]), ";"]
     answer = str(values[asked])
     trace += ["answer", ":", answer]
     return Problem(seed=seed, prompt=" ".join(prompt), trace=" ".join(trace), answer=answer, iterations=iterations)

