@@ -41,6 +41,7 @@
 #include <cstdio>
 
 #include "cuda_common.cuh"
+#include "mma_common.cuh"
 #include "rpc.h"
 
 namespace {
@@ -48,27 +49,6 @@ namespace {
 /* ------------------------------------------------------------------------------------------------
  * Scratch memory (errors and device selection: cuda_common.cuh)
  */
-
-/* Stream-ordered scratch memory, released (stream-ordered too) when the launcher returns. */
-class StreamScratch {
-  public:
-    explicit StreamScratch(cudaStream_t s) : stream_(s) {}
-    StreamScratch(const StreamScratch &) = delete;
-    StreamScratch &operator=(const StreamScratch &) = delete;
-    cudaError_t alloc(size_t nbytes) { return cudaMallocAsync(&ptr_, nbytes, stream_); }
-    void *get() const { return ptr_; }
-    cudaError_t release() {
-        cudaError_t e = cudaSuccess;
-        if (ptr_) e = cudaFreeAsync(ptr_, stream_);
-        ptr_ = nullptr;
-        return e;
-    }
-    ~StreamScratch() { (void)release(); }
-
-  private:
-    cudaStream_t stream_;
-    void *ptr_ = nullptr;
-};
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -129,7 +109,7 @@ struct ScoreArgs {
     int64_t qs[4], ks[4];   /* strides in elements */
     int64_t start;          /* first candidate position in K */
     int N;                  /* candidates */
-    int R, D, G, Hkv, Hq;
+    int R, D, G, Hkv, Hq, B_;
     int GR;                 /* G * R query rows per KV head */
     int QR;                 /* query rows per block (multiple of 16) */
     int QG;                 /* row groups: ceil(GR / QR) */
@@ -444,6 +424,274 @@ __global__ void score_pool_kernel(const float *__restrict__ agg, float *__restri
     }
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * Scoring v2 (fp16 / bf16, D a multiple of 16, K rows 16-byte aligned): tensor cores through raw
+ * mma.m16n8k16 (mma_common.cuh) instead of WMMA.
+ *   - A CTA holds up to 8 warps x SPW stripes of 16 query rows. Each warp loads the A fragments of its
+ *     stripes once (ldmatrix from a staging copy) and keeps them in registers for the whole sweep: Q
+ *     never changes in a CTA. The warp count follows the stripe count (GQA 7 x R 32 = 14 stripes = 7
+ *     warps of 2), so no warp idles on an uneven split.
+ *   - K comes in 32-key tiles through a 4-stage cp.async pipeline shared by the CTA (one barrier per
+ *     tile). A warp loads each K fragment once with ldmatrix and uses it for all its stripes.
+ *   - Logits never go to shared memory: pass 1 keeps the per-row running max / sum in registers (one
+ *     max and one rescale per tile and row, exp2 per element); pass 2 turns each logit into its
+ *     probability, sums it over the warp's rows with shuffles and over the warps through a small
+ *     double-buffered shared array that the next tile's barrier orders, so the cross-warp sum costs no
+ *     extra barrier. Both passes sum in a fixed order: the result is deterministic.
+ * Candidate rows past N are zero-filled by the copy and masked to -inf in the logits. Padding rows of
+ * a stripe (row >= G * R) have zero queries, and pass 2 gives them weight 0. */
+
+namespace sv2 {
+
+constexpr int kMaxWarps = 8;
+constexpr int kTile = 32;   /* keys per tile */
+constexpr int kStages = 4;  /* K tiles in the pipeline */
+
+__host__ __device__ inline int ld_of(int D) {
+    return D + 8; /* 16-byte row padding: ldmatrix rows land in distinct banks */
+}
+
+/* Shared memory: [union of the Q staging copy and the K pipeline][pass-2 cross-warp buffer]. */
+__host__ __device__ inline size_t smem_bytes(int rows, int D) {
+    const size_t q = (size_t)rows * ld_of(D) * 2;
+    const size_t k = (size_t)kStages * kTile * ld_of(D) * 2;
+    const size_t u = ((q > k ? q : k) + 15) / 16 * 16;
+    return u + (size_t)2 * kMaxWarps * kTile * sizeof(float);
+}
+
+/* grid.x = (b * Hkv + kvh) * C + chunk, grid.y = row group; blockDim.x = 32 * warps. KS = ksteps
+ * bound (D <= 16 * KS); SPW = stripes per warp. */
+template <typename T, int KS, int SPW, bool PASS2>
+__global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const ScoreArgs a) {
+    using namespace rpc_mma;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int ld = ld_of(a.D);
+    const int ksteps = a.D / 16;
+    const int nwarps = (int)(blockDim.x / 32);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int tq = lane & 3, gq = lane >> 2;
+    const int chunk = (int)(blockIdx.x % (unsigned)a.C);
+    const int64_t bh = blockIdx.x / (unsigned)a.C; /* b * Hkv + kvh */
+    const int b = (int)(bh / a.Hkv), kvh = (int)(bh % a.Hkv);
+    const int qg = blockIdx.y;
+    const int row0 = qg * a.QR;                     /* first query row (of G * R) of this CTA */
+    uint16_t *sbuf = reinterpret_cast<uint16_t *>(smem);
+    const size_t ubytes = (smem_bytes(a.QR, a.D) - (size_t)2 * kMaxWarps * kTile * sizeof(float));
+    float *red = reinterpret_cast<float *>(smem + ubytes); /* [2][kMaxWarps][kTile] */
+
+    /* 1. Stage the CTA's query rows (zeros past G * R), load this warp's fragments, free the buffer. */
+    {
+        const uint16_t *q = static_cast<const uint16_t *>(a.q);
+        const int64_t qb = (int64_t)b * a.qs[0];
+        for (int e = threadIdx.x; e < a.QR * a.D; e += blockDim.x) {
+            const int i = e / a.D, d = e - i * a.D;
+            const int gr = row0 + i;
+            uint16_t x = 0;
+            if (gr < a.GR) {
+                const int g = gr / a.R, r = gr - g * a.R;
+                x = q[qb + (int64_t)(kvh * a.G + g) * a.qs[1] + (int64_t)r * a.qs[2] + (int64_t)d * a.qs[3]];
+            }
+            sbuf[i * ld + d] = x;
+        }
+    }
+    __syncthreads();
+    uint32_t qf[SPW][KS][4];
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int k_row = (lane & 7) + (lane >> 4) * 8, k_col = ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int s = 0; s < SPW; ++s) {
+        const int stripe = warp * SPW + s; /* < nwarps * SPW * 16 <= a.QR rows: always staged */
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            if (kk < ksteps) {
+                ldmatrix_x4(qf[s][kk], sbuf + (stripe * 16 + a_row) * ld + kk * 16 + a_col);
+            } else {
+                qf[s][kk][0] = qf[s][kk][1] = qf[s][kk][2] = qf[s][kk][3] = 0u;
+            }
+        }
+    }
+
+    /* Rows of this lane: stripe s, half h (0: row gq, 1: row gq + 8). */
+    float st_m[SPW][2], st_l[SPW][2]; /* pass 1: running max / sum; pass 2: max / 1 over sum */
+#pragma unroll
+    for (int s = 0; s < SPW; ++s) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int gr = row0 + (warp * SPW + s) * 16 + gq + 8 * h;
+            if (!PASS2) {
+                st_m[s][h] = -INFINITY;
+                st_l[s][h] = 0.0f;
+            } else if (gr < a.GR && gr < row0 + a.QR) {
+                const float *pm = a.pmax + (bh * a.GR + gr) * a.C;
+                const float *ps = a.psum + (bh * a.GR + gr) * a.C;
+                float m = -INFINITY;
+                for (int c = 0; c < a.C; ++c) m = fmaxf(m, pm[c]);
+                float l = 0.0f;
+                for (int c = 0; c < a.C; ++c) l += ps[c] * exp2f(pm[c] - m);
+                st_m[s][h] = m;
+                st_l[s][h] = 1.0f / l;
+            } else {
+                st_m[s][h] = 0.0f; /* padding row: weight 0 */
+                st_l[s][h] = 0.0f;
+            }
+        }
+    }
+    __syncthreads(); /* every warp holds its Q fragments: the staging buffer becomes the K pipeline */
+
+    const uint16_t *k = static_cast<const uint16_t *>(a.k);
+    const int64_t kb = (int64_t)b * a.ks[0] + (int64_t)kvh * a.ks[1];
+    const int64_t ks2 = a.ks[2];
+    const int ntiles = (a.N + kTile - 1) / kTile;
+    const int t_begin = chunk * a.tiles_per_chunk;
+    const int t_end = min(ntiles, t_begin + a.tiles_per_chunk);
+    const int count = t_end > t_begin ? t_end - t_begin : 0;
+    const int cpr = a.D / 8; /* 16-byte chunks per key row */
+    const float scale2 = a.scale2;
+
+    auto load_tile = [&](int i, int stage) {
+        const int n0 = (t_begin + i) * kTile;
+        uint16_t *dst = sbuf + stage * kTile * ld;
+        for (int c = threadIdx.x; c < kTile * cpr; c += blockDim.x) {
+            const int r = c / cpr, part = c - r * cpr;
+            const bool ok = n0 + r < a.N;
+            const int64_t pos = a.start + (ok ? n0 + r : 0);
+            cp_async16(dst + r * ld + part * 8, k + kb + pos * ks2 + part * 8, ok);
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < count) load_tile(s, s);
+        cp_async_commit();
+    }
+    for (int i = 0; i < count; ++i) {
+        cp_async_wait<kStages - 2>(); /* tile i landed (this thread's copies) */
+        __syncthreads();              /* everyone's copies visible; tile i - 1 fully consumed */
+        if (i + kStages - 1 < count) load_tile(i + kStages - 1, (i + kStages - 1) % kStages);
+        cp_async_commit();
+        const int n0 = (t_begin + i) * kTile;
+        if (PASS2 && warp == 0 && i > 0) { /* cross-warp sum of the previous tile (ordered by the barrier) */
+            const float *rb = red + ((i - 1) & 1) * kMaxWarps * kTile;
+            float sum = 0.0f;
+            for (int w = 0; w < nwarps; ++w) sum += rb[w * kTile + lane];
+            const int n = n0 - kTile + lane;
+            if (n < a.N) a.part[(bh * a.QG + qg) * (int64_t)a.N + n] = sum;
+        }
+        const uint16_t *tk = sbuf + (i % kStages) * kTile * ld;
+
+        float acc[SPW][4][4];
+#pragma unroll
+        for (int s = 0; s < SPW; ++s)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[s][j][0] = acc[s][j][1] = acc[s][j][2] = acc[s][j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            if (kk < ksteps) {
+#pragma unroll
+                for (int np = 0; np < 2; ++np) {
+                    uint32_t kf[4];
+                    ldmatrix_x4(kf, tk + (np * 16 + k_row) * ld + kk * 16 + k_col);
+#pragma unroll
+                    for (int s = 0; s < SPW; ++s) {
+                        mma_16816<T>(acc[s][2 * np], qf[s][kk], kf[0], kf[1]);
+                        mma_16816<T>(acc[s][2 * np + 1], qf[s][kk], kf[2], kf[3]);
+                    }
+                }
+            }
+        }
+
+        /* Key of accumulator (j, c): n0 + 8 j + 2 tq + (c & 1); row half c >> 1. */
+        const int nbase = n0 + 2 * tq;
+        if (!PASS2) {
+#pragma unroll
+            for (int s = 0; s < SPW; ++s) {
+                float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const float x = nbase + 8 * j + (c & 1) < a.N ? acc[s][j][c] * scale2 : -INFINITY;
+                        acc[s][j][c] = x;
+                        mx[c >> 1] = fmaxf(mx[c >> 1], x);
+                    }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+                    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+                    const float mn = fmaxf(st_m[s][h], mx[h]);
+                    const float ref = mn == -INFINITY ? 0.0f : mn;
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) sum += exp2f(acc[s][j][2 * h] - ref) + exp2f(acc[s][j][2 * h + 1] - ref);
+                    st_l[s][h] = st_l[s][h] * exp2f(st_m[s][h] - ref) + sum;
+                    st_m[s][h] = mn;
+                }
+            }
+        } else {
+            float ksum[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) ksum[j][0] = ksum[j][1] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < SPW; ++s)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int h = c >> 1;
+                        const float x = nbase + 8 * j + (c & 1) < a.N ? acc[s][j][c] * scale2 : -INFINITY;
+                        ksum[j][c & 1] += exp2f(x - st_m[s][h]) * st_l[s][h];
+                    }
+            /* Sum over the 8 row groups of the warp (lanes with the same tq hold the same keys). */
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    float v = ksum[j][c];
+                    v += __shfl_xor_sync(0xffffffffu, v, 4);
+                    v += __shfl_xor_sync(0xffffffffu, v, 8);
+                    v += __shfl_xor_sync(0xffffffffu, v, 16);
+                    ksum[j][c] = v;
+                }
+            if (gq == 0) {
+                float *rb = red + (i & 1) * kMaxWarps * kTile + warp * kTile;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    rb[8 * j + 2 * tq] = ksum[j][0];
+                    rb[8 * j + 2 * tq + 1] = ksum[j][1];
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (PASS2) {
+        __syncthreads();
+        if (warp == 0 && count > 0) {
+            const float *rb = red + ((count - 1) & 1) * kMaxWarps * kTile;
+            float sum = 0.0f;
+            for (int w = 0; w < nwarps; ++w) sum += rb[w * kTile + lane];
+            const int n = (t_begin + count - 1) * kTile + lane;
+            if (n < a.N) a.part[(bh * a.QG + qg) * (int64_t)a.N + n] = sum;
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < SPW; ++s)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float l = st_l[s][h];
+                l += __shfl_xor_sync(0xffffffffu, l, 1);
+                l += __shfl_xor_sync(0xffffffffu, l, 2);
+                const int local = (warp * SPW + s) * 16 + gq + 8 * h;
+                const int gr = row0 + local;
+                if (tq == 0 && local < a.QR && gr < a.GR) {
+                    a.pmax[(bh * a.GR + gr) * a.C + chunk] = st_m[s][h];
+                    a.psum[(bh * a.GR + gr) * a.C + chunk] = l;
+                }
+            }
+    }
+}
+
+} // namespace sv2
+
 /* True when every address base + sum(i_d * stride_d) (d < 3, dims of size > 1) is 16-byte aligned,
  * the D stride is 1 and a row is a whole number of 16-byte vectors. */
 bool vec16_ok(const void *base, const int64_t shape[4], const int64_t stride[4], size_t esize) {
@@ -455,60 +703,120 @@ bool vec16_ok(const void *base, const int64_t shape[4], const int64_t stride[4],
     return true;
 }
 
-template <typename T>
-int score_launch(const rpc_score_params *p, int64_t N, cudaStream_t st, char *err) {
-    const int64_t B = p->B, Hq = p->Hq, Hkv = p->Hkv, R = p->R, D = p->D;
+/* Everything the scoring launch decides from the shape and the device, computed the same way when the
+ * caller sizes the workspace (rpc_cuda_score_workspace) and when it launches (rpc_cuda_score). */
+struct ScorePlan {
+    int version;          /* 1: WMMA / fp32 kernels; 2: sv2 kernels */
+    int64_t QR, QG, C, tpc;
+    int warps, KS, SPW;   /* v2 only */
+    size_t smem;
+    size_t n_part, n_keys, n_agg;
+    size_t bytes;         /* workspace */
+};
+
+int score_plan(const rpc_score_params *p, int device, ScorePlan *pl, char *err) {
+    const int64_t B = p->B, Hq = p->Hq, Hkv = p->Hkv, R = p->R, D = p->D, N = p->end - p->start;
     const int64_t G = Hq / Hkv, GR = G * R;
     const int64_t A = p->agg == RPC_AGG_ALL ? 1 : Hkv;
     const int64_t ntiles = ceil_div(N, kTileN);
-
-    int dev = 0, sms = 0, optin = 0;
-    RPC_CUDA_CHECK(cudaGetDevice(&dev), "rpc score: cudaGetDevice");
-    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+    const size_t es = rpc_dtype_size(p->dtype);
+    int sms = 0, optin = 0;
+    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
                    "rpc score: cudaDeviceGetAttribute");
-    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                    "rpc score: cudaDeviceGetAttribute");
-    const size_t budget = (size_t)optin < kSmemBudget ? (size_t)optin : kSmemBudget;
+    if (p->version < 0 || p->version > 2) return rpc_value_error(err, "rpc score (cuda): version must be 0, 1 or 2");
 
-    /* Query rows per block: as many as fit the shared-memory budget (multiple of 16), then
-     * balanced over the resulting number of row groups. */
-    const int64_t GRp = ceil_div(GR, 16) * 16;
-    int64_t qr_cap = 0;
-    if (score_smem_layout<T>(16, (int)D).total <= budget) {
-        const size_t fixed = score_smem_layout<T>(0, (int)D).total;
-        const size_t per16 = score_smem_layout<T>(16, (int)D).total - fixed;
-        qr_cap = (int64_t)((budget - fixed) / per16) * 16;
-        if (qr_cap > GRp) qr_cap = GRp;
-        while (qr_cap > 16 && score_smem_layout<T>((int)qr_cap, (int)D).total > budget) qr_cap -= 16;
+    const int64_t kshape[4] = {B, Hkv, N, D};
+    const bool k_vec = vec16_ok(static_cast<const unsigned char *>(p->k) + p->start * p->k_stride[2] * (int64_t)es,
+                                kshape, p->k_stride, es);
+    bool v2 = p->dtype != RPC_F32 && D % 16 == 0 && D <= 256 && k_vec && p->version != 1;
+    if (v2) {
+        pl->SPW = D <= 128 ? 2 : 1;
+        pl->KS = D <= 64 ? 4 : (D <= 128 ? 8 : 16);
+        const int64_t stripes = ceil_div(GR, 16);
+        int64_t qg = ceil_div(stripes, (int64_t)sv2::kMaxWarps * pl->SPW);
+        const int64_t per = ceil_div(stripes, qg);
+        pl->warps = (int)ceil_div(per, pl->SPW);
+        pl->QR = (int64_t)pl->warps * pl->SPW * 16;
+        pl->QG = ceil_div(GR, pl->QR);
+        pl->smem = sv2::smem_bytes((int)pl->QR, (int)D);
+        if (pl->smem > (size_t)optin) v2 = false;
     }
-    if (qr_cap < 16) {
-        char msg[RPC_ERR_LEN];
-        snprintf(msg, sizeof msg, "rpc score (cuda): head dim %lld is too large for the CUDA scoring kernel",
-                 (long long)D);
-        return rpc_value_error(err, msg);
+    if (p->version == 2 && !v2)
+        return rpc_value_error(err, "rpc score (cuda): the v2 kernel needs float16/bfloat16, head_dim a multiple of 16 "
+                                    "up to 256 and 16-byte aligned key rows");
+    pl->version = v2 ? 2 : 1;
+    if (!v2) {
+        /* v1: query rows per block as many as fit the shared-memory budget (multiple of 16), then
+         * balanced over the resulting number of row groups. */
+        const size_t budget = (size_t)optin < kSmemBudget ? (size_t)optin : kSmemBudget;
+        const int64_t GRp = ceil_div(GR, 16) * 16;
+        int64_t qr_cap = 0;
+        ScoreSmem (*layout)(int, int) = p->dtype == RPC_F16    ? score_smem_layout<__half>
+                                        : p->dtype == RPC_BF16 ? score_smem_layout<__nv_bfloat16>
+                                                               : score_smem_layout<float>;
+        if (layout(16, (int)D).total <= budget) {
+            const size_t fixed = layout(0, (int)D).total;
+            const size_t per16 = layout(16, (int)D).total - fixed;
+            qr_cap = (int64_t)((budget - fixed) / per16) * 16;
+            if (qr_cap > GRp) qr_cap = GRp;
+            while (qr_cap > 16 && layout((int)qr_cap, (int)D).total > budget) qr_cap -= 16;
+        }
+        if (qr_cap < 16) {
+            char msg[RPC_ERR_LEN];
+            snprintf(msg, sizeof msg, "rpc score (cuda): head dim %lld is too large for the CUDA scoring kernel",
+                     (long long)D);
+            return rpc_value_error(err, msg);
+        }
+        int64_t QG = ceil_div(GR, qr_cap);
+        pl->QR = ceil_div(ceil_div(GR, QG), 16) * 16;
+        pl->QG = ceil_div(GR, pl->QR);
+        pl->smem = layout((int)pl->QR, (int)D).total;
+        pl->warps = kWarps;
     }
-    int64_t QG = ceil_div(GR, qr_cap);
-    const int64_t QR = ceil_div(ceil_div(GR, QG), 16) * 16;
-    QG = ceil_div(GR, QR);
-    const size_t smem = score_smem_layout<T>((int)QR, (int)D).total;
-
     /* Candidate chunks: enough blocks for several waves, each chunk a whole number of tiles. */
-    int64_t C = ceil_div(8 * (int64_t)(sms > 0 ? sms : 1), B * Hkv * QG);
+    int64_t C = ceil_div(8 * (int64_t)(sms > 0 ? sms : 1), B * Hkv * pl->QG);
     if (C > ntiles) C = ntiles;
     if (C < 1) C = 1;
-    const int64_t tpc = ceil_div(ntiles, C);
-    C = ceil_div(ntiles, tpc);
-    if (B * Hkv * C > INT_MAX || QG > 65535 || ceil_div(B * A * N, 256) > INT_MAX)
+    pl->tpc = ceil_div(ntiles, C);
+    pl->C = ceil_div(ntiles, pl->tpc);
+    if (B * Hkv * pl->C > INT_MAX || pl->QG > 65535 || ceil_div(B * A * N, 256) > INT_MAX)
         return rpc_value_error(err, "rpc score (cuda): problem too large for the launch grid");
+    pl->n_part = (size_t)(B * Hq * R * pl->C);
+    pl->n_keys = (size_t)(B * Hkv * pl->QG * N);
+    pl->n_agg = (size_t)(B * A * N);
+    pl->bytes = align_up(pl->n_part * 4, 256) * 2 + align_up(pl->n_keys * 4, 256) + align_up(pl->n_agg * 4, 256);
+    return RPC_OK;
+}
 
-    /* Scratch: pass-1 partials, per-key sums, aggregated scores when `raw` is not wanted. */
-    const size_t n_part = (size_t)(B * Hq * R * C);
-    const size_t n_keys = (size_t)(B * Hkv * QG * N);
-    const size_t n_agg = p->raw ? 0 : (size_t)(B * A * N);
-    const size_t bytes = align_up(n_part * 4, 256) * 2 + align_up(n_keys * 4, 256) + align_up(n_agg * 4, 256);
-    StreamScratch scratch(st);
-    RPC_CUDA_CHECK(scratch.alloc(bytes), "rpc score: cudaMallocAsync of scratch");
-    unsigned char *base = static_cast<unsigned char *>(scratch.get());
+template <typename T, int KS, int SPW> int launch_v2(const ScoreArgs &a, const ScorePlan &pl, cudaStream_t st, char *err) {
+    RPC_CUDA_CHECK(cudaFuncSetAttribute(sv2::score_v2_kernel<T, KS, SPW, false>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem),
+                   "rpc score: cudaFuncSetAttribute");
+    RPC_CUDA_CHECK(cudaFuncSetAttribute(sv2::score_v2_kernel<T, KS, SPW, true>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem),
+                   "rpc score: cudaFuncSetAttribute");
+    const dim3 grid((unsigned)(a.B_ * a.Hkv * pl.C), (unsigned)pl.QG);
+    sv2::score_v2_kernel<T, KS, SPW, false><<<grid, pl.warps * 32, pl.smem, st>>>(a);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 1");
+    sv2::score_v2_kernel<T, KS, SPW, true><<<grid, pl.warps * 32, pl.smem, st>>>(a);
+    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 2");
+    return RPC_OK;
+}
+
+template <typename T> int launch_v2_t(const ScoreArgs &a, const ScorePlan &pl, cudaStream_t st, char *err) {
+    if (pl.KS == 4) return launch_v2<T, 4, 2>(a, pl, st, err);
+    if (pl.KS == 8) return launch_v2<T, 8, 2>(a, pl, st, err);
+    return launch_v2<T, 16, 1>(a, pl, st, err);
+}
+
+template <typename T>
+int score_launch(const rpc_score_params *p, const ScorePlan &pl, int64_t N, cudaStream_t st, char *err) {
+    const int64_t B = p->B, Hq = p->Hq, Hkv = p->Hkv, R = p->R, D = p->D;
+    const int64_t G = Hq / Hkv, GR = G * R;
+    const int64_t A = p->agg == RPC_AGG_ALL ? 1 : Hkv;
+    unsigned char *base = static_cast<unsigned char *>(p->workspace);
 
     ScoreArgs a;
     a.q = p->q;
@@ -524,42 +832,52 @@ int score_launch(const rpc_score_params *p, int64_t N, cudaStream_t st, char *er
     a.G = (int)G;
     a.Hkv = (int)Hkv;
     a.Hq = (int)Hq;
+    a.B_ = (int)B;
     a.GR = (int)GR;
-    a.QR = (int)QR;
-    a.QG = (int)QG;
-    a.C = (int)C;
-    a.tiles_per_chunk = (int)tpc;
+    a.QR = (int)pl.QR;
+    a.QG = (int)pl.QG;
+    a.C = (int)pl.C;
+    a.tiles_per_chunk = (int)pl.tpc;
     const int64_t qshape[4] = {B, Hq, R, D};
     const int64_t kshape[4] = {B, Hkv, N, D};
     a.q_vec = vec16_ok(p->q, qshape, p->q_stride, sizeof(T));
     a.k_vec = vec16_ok(static_cast<const T *>(p->k) + p->start * p->k_stride[2], kshape, p->k_stride, sizeof(T));
     a.scale2 = (float)((double)p->scale * 1.4426950408889634); /* log2(e) */
     a.pmax = reinterpret_cast<float *>(base);
-    a.psum = reinterpret_cast<float *>(base + align_up(n_part * 4, 256));
-    a.part = reinterpret_cast<float *>(base + 2 * align_up(n_part * 4, 256));
+    a.psum = reinterpret_cast<float *>(base + align_up(pl.n_part * 4, 256));
+    a.part = reinterpret_cast<float *>(base + 2 * align_up(pl.n_part * 4, 256));
     float *agg = p->raw ? p->raw
-                        : reinterpret_cast<float *>(base + 2 * align_up(n_part * 4, 256) + align_up(n_keys * 4, 256));
+                        : reinterpret_cast<float *>(base + 2 * align_up(pl.n_part * 4, 256) +
+                                                    align_up(pl.n_keys * 4, 256));
 
-    RPC_CUDA_CHECK(cudaFuncSetAttribute(score_pass_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem),
-                   "rpc score: cudaFuncSetAttribute");
-    RPC_CUDA_CHECK(cudaFuncSetAttribute(score_pass_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem),
-                   "rpc score: cudaFuncSetAttribute");
-    const dim3 grid((unsigned)(B * Hkv * C), (unsigned)QG);
-    score_pass_kernel<T, false><<<grid, kThreads, smem, st>>>(a);
-    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 1");
-    score_pass_kernel<T, true><<<grid, kThreads, smem, st>>>(a);
-    RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 2");
+    if (pl.version == 2) {
+        if constexpr (sizeof(T) == 2) {
+            const int rc = launch_v2_t<T>(a, pl, st, err);
+            if (rc != RPC_OK) return rc;
+        } else {
+            return rpc_value_error(err, "rpc score (cuda): internal error: v2 plan for float32");
+        }
+    } else {
+        RPC_CUDA_CHECK(cudaFuncSetAttribute(score_pass_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)pl.smem),
+                       "rpc score: cudaFuncSetAttribute");
+        RPC_CUDA_CHECK(cudaFuncSetAttribute(score_pass_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)pl.smem),
+                       "rpc score: cudaFuncSetAttribute");
+        const dim3 grid((unsigned)(B * Hkv * pl.C), (unsigned)pl.QG);
+        score_pass_kernel<T, false><<<grid, kThreads, pl.smem, st>>>(a);
+        RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 1");
+        score_pass_kernel<T, true><<<grid, kThreads, pl.smem, st>>>(a);
+        RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 2");
+    }
 
     const int64_t n_out = B * A * N;
     const unsigned eblocks = (unsigned)ceil_div(n_out, 256);
     const float heads = (float)(A == 1 ? Hq : G);
-    score_aggregate_kernel<<<eblocks, 256, 0, st>>>(a.part, agg, B, (int)A, (int)Hkv, (int)QG, N, heads);
+    score_aggregate_kernel<<<eblocks, 256, 0, st>>>(a.part, agg, B, (int)A, (int)Hkv, (int)pl.QG, N, heads);
     RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of aggregation");
     score_pool_kernel<<<eblocks, 256, 0, st>>>(agg, p->out, B * A, N, p->kernel_size, p->pool == RPC_POOL_MAX);
     RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pooling");
-    RPC_CUDA_CHECK(scratch.release(), "rpc score: cudaFreeAsync of scratch");
     return RPC_OK;
 }
 
@@ -677,10 +995,23 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(const float *__rest
 
 /* ------------------------------------------------------------------------------------------------
  * Compaction
+ *
+ * A block owns one (sequence, head, tensor, column slice) and moves tokens in place in ascending
+ * chunks: every thread first loads all of its chunk's words into registers (kUnroll independent
+ * 16-byte loads in flight per thread), one barrier, then stores them. Why this is safe in place: the
+ * destination of kept token i is start + i and its source start + idx[i] with idx[i] >= i, so
+ *   - a chunk's stores land at or below its own tokens' indices, i.e. below every source a later chunk
+ *     reads (a later token j has idx[j] >= j >= the chunk's end): earlier stores never clobber later
+ *     reads;
+ *   - a later chunk's stores may hit sources of an earlier chunk, but those were read before the
+ *     earlier chunk's barrier, which every thread passed before storing anything later.
+ * Columns are independent (an element only ever moves along its own column), so splitting the row into
+ * column slices gives more blocks without any cross-block ordering: B * H * 2 * slices blocks fill the
+ * GPU. The recent window moves after the kept tokens, the same way (source end + w >= destination).
  */
 
 constexpr int kCompactThreads = 256;
-constexpr int kCompactSmem = 32 * 1024;
+constexpr int kUnroll = 8;
 
 struct CompactTensor {
     unsigned char *base;
@@ -690,74 +1021,94 @@ struct CompactTensor {
 struct CompactArgs {
     CompactTensor t[2]; /* K, V */
     int H, A;
-    int64_t row_bytes;  /* D * element size */
+    int units;          /* words of type W per token row */
+    int slice;          /* words per column slice (the last slice may be shorter) */
+    int slices;
     const int64_t *idx;
     int64_t idx_sb, idx_sa;
     int64_t start, end, L, keep;
-    int chunk;          /* tokens moved per shared-memory round */
 };
 
-/* One block per (b, h, tensor). Unit = the widest copy type every address allows. */
+/* grid.x = b * H + h, grid.y = tensor * slices + slice. */
 template <typename W>
 __global__ void __launch_bounds__(kCompactThreads) compact_kernel(const CompactArgs a) {
-    __shared__ __align__(16) unsigned char buf_raw[kCompactSmem];
-    W *buf = reinterpret_cast<W *>(buf_raw);
-
     const int64_t bh = blockIdx.x;
     const int64_t b = bh / a.H, h = bh % a.H;
-    const CompactTensor T = a.t[blockIdx.y];
+    const int tensor = (int)blockIdx.y / a.slices, sl = (int)blockIdx.y % a.slices;
+    const CompactTensor T = a.t[tensor];
     unsigned char *rowbase = T.base + b * T.s0 + h * T.s1;
-    const int per_tok = (int)(a.row_bytes / (int64_t)sizeof(W));
+    const int u0 = sl * a.slice;
+    const int width = min(a.slice, a.units - u0);         /* words of this slice per token */
+    const int per_pass = kCompactThreads / width;         /* tokens one pass of the block covers, >= 1 */
+    const int slot = threadIdx.x / width, u = u0 + threadIdx.x % width;
+    const bool active = slot < per_pass;                  /* threads past per_pass * width idle */
+    const int64_t chunk = (int64_t)per_pass * kUnroll;    /* tokens per barrier */
     const int64_t N = a.end - a.start;
     const int64_t *idx = a.idx + b * a.idx_sb + (a.A == 1 ? 0 : h) * a.idx_sa;
 
-    /* Kept candidates: destination start + i, source start + idx[i] (idx[i] >= i). */
-    for (int64_t c0 = 0; c0 < a.keep; c0 += a.chunk) {
-        const int64_t c1 = c0 + a.chunk < a.keep ? c0 + a.chunk : a.keep;
-        if (idx[c1 - 1] == c1 - 1) continue; /* ascending + idx[i] >= i: the chunk is in place */
-        const int total = (int)(c1 - c0) * per_tok;
-        for (int e = threadIdx.x; e < total; e += blockDim.x) {
-            const int tk = e / per_tok, u = e - tk * per_tok;
-            const int64_t src = idx[c0 + tk];
-            /* Memory safety against malformed indices (the caller validates them): skip sources
-             * outside the candidate range or below their destination. */
-            if (src >= c0 + tk && src < N)
-                buf[e] = reinterpret_cast<const W *>(rowbase + (a.start + src) * T.s2)[u];
+    /* Kept candidates: destination start + i, source start + idx[i]. */
+    for (int64_t c0 = 0; c0 < a.keep; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < a.keep ? c0 + chunk : a.keep;
+        if (idx[c1 - 1] == c1 - 1) continue; /* ascending + idx[i] >= i: the whole chunk is in place (uniform) */
+        int64_t src[kUnroll];
+        W val[kUnroll];
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+            const int64_t i = c0 + slot + (int64_t)j * per_pass;
+            src[j] = -1;
+            /* Memory safety against malformed indices (the caller validates them): skip sources outside
+             * the candidates or below their destination. */
+            if (active && i < c1) {
+                const int64_t s = idx[i];
+                if (s >= i && s < N) src[j] = s;
+            }
         }
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j)
+            if (src[j] >= 0) val[j] = reinterpret_cast<const W *>(rowbase + (a.start + src[j]) * T.s2)[u];
         __syncthreads();
-        for (int e = threadIdx.x; e < total; e += blockDim.x) {
-            const int tk = e / per_tok, u = e - tk * per_tok;
-            const int64_t src = idx[c0 + tk];
-            if (src >= c0 + tk && src < N)
-                reinterpret_cast<W *>(rowbase + (a.start + c0 + tk) * T.s2)[u] = buf[e];
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+            const int64_t i = c0 + slot + (int64_t)j * per_pass;
+            if (src[j] >= 0 && src[j] != i) reinterpret_cast<W *>(rowbase + (a.start + i) * T.s2)[u] = val[j];
         }
-        __syncthreads();
     }
 
     /* Recent window [end, L) -> [start + keep, ...): sources are above all destinations so far. */
     const int64_t wlen = a.L - a.end;
-    const int64_t shift = a.end - (a.start + a.keep);
-    if (shift == 0) return;
-    for (int64_t c0 = 0; c0 < wlen; c0 += a.chunk) {
-        const int64_t c1 = c0 + a.chunk < wlen ? c0 + a.chunk : wlen;
-        const int total = (int)(c1 - c0) * per_tok;
-        for (int e = threadIdx.x; e < total; e += blockDim.x) {
-            const int tk = e / per_tok, u = e - tk * per_tok;
-            buf[e] = reinterpret_cast<const W *>(rowbase + (a.end + c0 + tk) * T.s2)[u];
+    const int64_t dst0 = a.start + a.keep;
+    if (a.end == dst0) return;
+    __syncthreads(); /* the last kept chunk's reads are done before window stores may overwrite them */
+    for (int64_t c0 = 0; c0 < wlen; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < wlen ? c0 + chunk : wlen;
+        W val[kUnroll];
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+            const int64_t w = c0 + slot + (int64_t)j * per_pass;
+            if (active && w < c1) val[j] = reinterpret_cast<const W *>(rowbase + (a.end + w) * T.s2)[u];
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < total; e += blockDim.x) {
-            const int tk = e / per_tok, u = e - tk * per_tok;
-            reinterpret_cast<W *>(rowbase + (a.start + a.keep + c0 + tk) * T.s2)[u] = buf[e];
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j) {
+            const int64_t w = c0 + slot + (int64_t)j * per_pass;
+            if (active && w < c1) reinterpret_cast<W *>(rowbase + (dst0 + w) * T.s2)[u] = val[j];
         }
-        __syncthreads();
     }
 }
 
-template <typename W> int compact_launch(const CompactArgs &a, int64_t rows, cudaStream_t st, char *err) {
-    CompactArgs b = a;
-    b.chunk = (int)(kCompactSmem / a.row_bytes);
-    compact_kernel<W><<<dim3((unsigned)rows, 2), kCompactThreads, 0, st>>>(b);
+template <typename W>
+int compact_launch(const CompactArgs &a0, int64_t rows, int64_t row_bytes, int sms, cudaStream_t st, char *err) {
+    CompactArgs a = a0;
+    a.units = (int)(row_bytes / (int64_t)sizeof(W));
+    /* Column slices: at most one block's worth of words each, then split further (by halves, keeping a
+     * slice at least 4 words = 64 bytes of uint4 wide) until there are ~4 blocks per SM. */
+    int slices = (a.units + kCompactThreads - 1) / kCompactThreads;
+    const int64_t want = 4 * (int64_t)(sms > 0 ? sms : 1);
+    while (rows * 2 * slices < want && (a.units + 2 * slices - 1) / (2 * slices) >= 4) slices *= 2;
+    a.slice = (a.units + slices - 1) / slices;
+    a.slices = (a.units + a.slice - 1) / a.slice;
+    if ((int64_t)a.slices * 2 > 65535) return rpc_value_error(err, "rpc compact (cuda): head dim too large");
+    compact_kernel<W><<<dim3((unsigned)rows, (unsigned)(2 * a.slices)), kCompactThreads, 0, st>>>(a);
     RPC_CUDA_CHECK(cudaGetLastError(), "rpc compact: kernel launch");
     return RPC_OK;
 }
@@ -768,7 +1119,8 @@ template <typename W> int compact_launch(const CompactArgs &a, int64_t rows, cud
  * Launchers (rpc.h)
  */
 
-extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err) {
+/* Shape checks shared by rpc_cuda_score and rpc_cuda_score_workspace. */
+static int score_check(const rpc_score_params *p, char *err) {
     if (!p) return rpc_value_error(err, "rpc score (cuda): params is NULL");
     if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
         return rpc_value_error(err, "rpc score (cuda): dtype must be float32, float16 or bfloat16");
@@ -785,18 +1137,44 @@ extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *strea
     if (p->pool != RPC_POOL_AVG && p->pool != RPC_POOL_MAX)
         return rpc_value_error(err, "rpc score (cuda): unknown pooling");
     const int64_t N = p->end - p->start;
-    if (N > INT_MAX / 2 || p->Hq * p->R > INT_MAX / 2 || p->D > 65536)
+    if (N > INT_MAX / 2 || p->Hq * p->R > INT_MAX / 2 || p->D > 65536 || p->B > INT_MAX / 2)
         return rpc_value_error(err, "rpc score (cuda): sizes too large");
+    return RPC_OK;
+}
+
+extern "C" int rpc_cuda_score_workspace(int device, const rpc_score_params *p, size_t *bytes, char *err) {
+    *bytes = 0;
+    int rc = score_check(p, err);
+    if (rc != RPC_OK || p->B == 0) return rc;
+    ScorePlan pl;
+    rc = score_plan(p, device, &pl, err);
+    if (rc == RPC_OK) *bytes = pl.bytes;
+    return rc;
+}
+
+extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err) {
+    int rc = score_check(p, err);
+    if (rc != RPC_OK) return rc;
     if (p->B == 0) return RPC_OK;
     if (!p->q || !p->k || !p->out) return rpc_value_error(err, "rpc score (cuda): NULL tensor pointer");
-
+    ScorePlan pl;
+    rc = score_plan(p, device, &pl, err);
+    if (rc != RPC_OK) return rc;
+    if (!p->workspace || p->workspace_bytes < pl.bytes || (uintptr_t)p->workspace % 256 != 0) {
+        char msg[RPC_ERR_LEN];
+        snprintf(msg, sizeof msg,
+                 "rpc score (cuda): workspace of %zu bytes (256-byte aligned) required, got %zu bytes at %p",
+                 pl.bytes, p->workspace_bytes, p->workspace);
+        return rpc_value_error(err, msg);
+    }
+    const int64_t N = p->end - p->start;
     RpcDeviceGuard guard;
     RPC_CUDA_CHECK(guard.enter(device), "rpc score: cudaSetDevice");
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     switch (p->dtype) {
-    case RPC_F16: return score_launch<__half>(p, N, st, err);
-    case RPC_BF16: return score_launch<__nv_bfloat16>(p, N, st, err);
-    default: return score_launch<float>(p, N, st, err);
+    case RPC_F16: return score_launch<__half>(p, pl, N, st, err);
+    case RPC_BF16: return score_launch<__nv_bfloat16>(p, pl, N, st, err);
+    default: return score_launch<float>(p, pl, N, st, err);
     }
 }
 
@@ -833,7 +1211,7 @@ extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *s
         return rpc_value_error(err, "rpc compact (cuda): the head-dim stride of keys and values must be 1");
     const size_t es = rpc_dtype_size(p->dtype);
     const int64_t row_bytes = p->D * (int64_t)es;
-    if (row_bytes > kCompactSmem) return rpc_value_error(err, "rpc compact (cuda): head dim too large");
+    if (row_bytes > 65536) return rpc_value_error(err, "rpc compact (cuda): head dim too large (rows over 64 KiB)");
     if (p->B * p->H > INT_MAX) return rpc_value_error(err, "rpc compact (cuda): B * H too large");
     if (p->B == 0 || p->H == 0) return RPC_OK;
     if (p->keep == p->end - p->start) return RPC_OK; /* indices are 0..keep-1 and the window stays */
@@ -851,7 +1229,7 @@ extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *s
     a.t[1].s2 = p->v_stride[2] * (int64_t)es;
     a.H = (int)p->H;
     a.A = (int)p->A;
-    a.row_bytes = row_bytes;
+    a.units = a.slice = a.slices = 0; /* set by compact_launch */
     a.idx = p->indices;
     a.idx_sb = p->idx_stride_b;
     a.idx_sa = p->idx_stride_a;
@@ -859,7 +1237,6 @@ extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *s
     a.end = p->end;
     a.L = p->L;
     a.keep = p->keep;
-    a.chunk = 1;
 
     /* Widest unit that divides the row and every base/stride (strides of size-1 dims unused). */
     const int64_t sizes[3] = {p->B, p->H, p->L};
@@ -872,10 +1249,14 @@ extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *s
     }
     RpcDeviceGuard guard;
     RPC_CUDA_CHECK(guard.enter(device), "rpc compact: cudaSetDevice");
+    int sms = 0;
+    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+                   "rpc compact: cudaDeviceGetAttribute");
     cudaStream_t st = static_cast<cudaStream_t>(stream);
     const int64_t rows = p->B * p->H;
-    if (g % 16 == 0) return compact_launch<uint4>(a, rows, st, err);
-    if (g % 8 == 0) return compact_launch<uint2>(a, rows, st, err);
-    if (g % 4 == 0) return compact_launch<uint32_t>(a, rows, st, err);
-    return compact_launch<uint16_t>(a, rows, st, err);
+    if (rows > 2147483647LL) return rpc_value_error(err, "rpc compact (cuda): B * H too large");
+    if (g % 16 == 0) return compact_launch<uint4>(a, rows, row_bytes, sms, st, err);
+    if (g % 8 == 0) return compact_launch<uint2>(a, rows, row_bytes, sms, st, err);
+    if (g % 4 == 0) return compact_launch<uint32_t>(a, rows, row_bytes, sms, st, err);
+    return compact_launch<uint16_t>(a, rows, row_bytes, sms, st, err);
 }

@@ -207,4 +207,35 @@ int rpc_cuda_stream_synchronize(int device, void *stream, char *err) {
     return RPC_OK;
 }
 
+int rpc_cuda_event_create(int device, void **event, char *err) {
+    *event = nullptr;
+    RPC_DEVICE_GUARD(device);
+    cudaEvent_t ev = nullptr;
+    RPC_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    *event = static_cast<void *>(ev);
+    return RPC_OK;
+}
+
+int rpc_cuda_event_destroy(int device, void *event, char *err) {
+    if (event == nullptr) {
+        return RPC_OK;
+    }
+    RPC_DEVICE_GUARD(device);
+    RPC_CUDA_CHECK(cudaEventDestroy(static_cast<cudaEvent_t>(event)), "cudaEventDestroy");
+    return RPC_OK;
+}
+
+int rpc_cuda_event_record(int device, void *event, void *stream, char *err) {
+    RPC_DEVICE_GUARD(device);
+    RPC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event), (cudaStream_t)stream), "cudaEventRecord");
+    return RPC_OK;
+}
+
+int rpc_cuda_stream_wait_event(int device, void *stream, void *event, char *err) {
+    RPC_DEVICE_GUARD(device);
+    RPC_CUDA_CHECK(cudaStreamWaitEvent((cudaStream_t)stream, static_cast<cudaEvent_t>(event), 0),
+                   "cudaStreamWaitEvent");
+    return RPC_OK;
+}
+
 } // extern "C"

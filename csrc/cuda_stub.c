@@ -128,3 +128,36 @@ int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char
     (void)stream;
     return not_built("ring_write", err);
 }
+
+int rpc_cuda_score_workspace(int device, const rpc_score_params *p, size_t *bytes, char *err) {
+    (void)device;
+    (void)p;
+    *bytes = 0;
+    return not_built("score_workspace", err);
+}
+
+int rpc_cuda_event_create(int device, void **event, char *err) {
+    (void)device;
+    *event = NULL;
+    return not_built("event_create", err);
+}
+
+int rpc_cuda_event_destroy(int device, void *event, char *err) {
+    (void)device;
+    (void)err;
+    return event == NULL ? RPC_OK : not_built("event_destroy", err);
+}
+
+int rpc_cuda_event_record(int device, void *event, void *stream, char *err) {
+    (void)device;
+    (void)event;
+    (void)stream;
+    return not_built("event_record", err);
+}
+
+int rpc_cuda_stream_wait_event(int device, void *stream, void *event, char *err) {
+    (void)device;
+    (void)stream;
+    (void)event;
+    return not_built("stream_wait_event", err);
+}

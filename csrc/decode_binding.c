@@ -131,14 +131,14 @@ static int64_t dec_splits(int64_t B, int64_t Hq, int64_t Hkv, int64_t cap) {
 
 static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"q", "keys", "values", "out", "lengths", "padding", "scale", "workspace", "splits",
-                             "stream", "reference", NULL};
+                             "stream", "reference", "version", NULL};
     PyObject *q_obj, *k_obj, *v_obj, *o_obj, *len_obj, *pad_obj = Py_None, *scale_obj = Py_None,
                                                             *ws_obj = Py_None, *stream_obj = Py_None;
     long long splits = 0;
-    int reference = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$OOOLOp:decode_attention", kwlist, &q_obj, &k_obj, &v_obj,
+    int reference = 0, version = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$OOOLOpi:decode_attention", kwlist, &q_obj, &k_obj, &v_obj,
                                      &o_obj, &len_obj, &pad_obj, &scale_obj, &ws_obj, &splits, &stream_obj,
-                                     &reference)) {
+                                     &reference, &version)) {
         return NULL;
     }
     PyObject *result = NULL, *kq = NULL, *kk = NULL, *kv = NULL, *ko = NULL, *kl = NULL, *kp = NULL, *kw = NULL,
@@ -223,6 +223,13 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         PyErr_Format(PyExc_ValueError, "splits: expected 0 (automatic) or 1..65535, got %lld", splits);
         goto done;
     }
+    if (version < 0 || version > 2 || (version == 2 && q.dtype == RPC_F32)) {
+        PyErr_Format(PyExc_ValueError,
+                     "version: expected 0 (automatic), 1 (v1 kernel) or 2 (v2 kernel, float16/bfloat16 only), got %d "
+                     "for %s",
+                     version, rpc_dtype_name(q.dtype));
+        goto done;
+    }
     if (splits == 0) splits = dec_splits(B, Hq, Hkv, cap);
     float *workspace = NULL;
     if (on_cuda) {
@@ -275,6 +282,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
     p.scale = (float)scale;
     p.splits = splits;
     p.workspace = workspace;
+    p.version = version;
 
     char err[RPC_ERR_LEN] = {0};
     int rc;
@@ -512,10 +520,11 @@ done:
 static PyMethodDef dec_methods[] = {
     {"decode_attention", DEC_KW dec_decode_attention, METH_VARARGS | METH_KEYWORDS,
      "decode_attention(q, keys, values, out, lengths, *, padding=None, scale=None, workspace=None, splits=0,\n"
-     "                 stream=None, reference=False)\n\n"
+     "                 stream=None, reference=False, version=0)\n\n"
      "Attention of one query token per sequence (q [B, Hq, 1, D]) over keys/values [B, Hkv, capacity, D],\n"
      "restricted to the live positions [padding[b], lengths[0]); writes out [B, Hq, 1, D]. lengths is read\n"
-     "by the kernel on its device (capture-friendly). reference=True runs the scalar C reference (CPU)."},
+     "by the kernel on its device (capture-friendly). reference=True runs the scalar C reference (CPU).\n"
+     "version (CUDA): 0 picks the v2 tensor-core kernel for float16/bfloat16 and v1 for float32; 1 or 2 force one."},
     {"decode_workspace_size", DEC_KW dec_workspace_size, METH_VARARGS | METH_KEYWORDS,
      "decode_workspace_size(batch, q_heads, kv_heads, head_dim, capacity, splits=0) -> (splits, floats):\n"
      "the split count decode_attention uses and the float32 workspace it needs on CUDA."},

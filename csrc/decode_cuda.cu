@@ -27,6 +27,7 @@
  * slot (lengths[1] + offset + i) mod window.
  */
 #include "cuda_common.cuh"
+#include "mma_common.cuh"
 #include "rpc.h"
 
 #include <cuda_bf16.h>
@@ -283,6 +284,299 @@ cudaError_t dispatch_d(const DecodeArgs &a, int D, int gm, cudaStream_t stream) 
     }
 }
 
+/* ------------------------------------------------------------------ decode attention v2 (fp16 / bf16)
+ *
+ * Same contract and workspace format as the v1 split kernel above (partials in base-2 log units, merged
+ * by decode_combine_kernel), built to stream K/V at memory bandwidth instead of being instruction
+ * bound:
+ *   - A CTA (4 warps) owns one (sequence, KV head, group of up to 16 query heads, sequence chunk): the
+ *     query group is padded to the 16 rows of a tensor-core tile, so K and V are read once for all the
+ *     query heads of a KV head (GQA 7 uses 7 of the 16 rows; decode is memory bound, the idle rows cost
+ *     tensor-core cycles that are free).
+ *   - The chunk is cut into 16-key tiles dealt round robin to the warps (the 4 warps together stream
+ *     one contiguous run of keys). Each warp has a private cp.async pipeline of kStages tiles in shared
+ *     memory (16-byte copies, no register staging), so no block-wide barrier runs inside the loop and
+ *     kStages - 1 tiles per warp are in flight while one is computed.
+ *   - Per tile and warp: S[16 x 16] = Q K^T with mma.m16n8k16 (Q and K fragments through ldmatrix),
+ *     one row max (a 4-lane shuffle), one rescale of the accumulators, P = exp2(S - m) turned directly
+ *     into the A fragment of O += P V (V fragments through ldmatrix.trans). P is rounded to the input
+ *     type for that MMA, as flash attention does; the row sums l are kept in fp32.
+ *   - Keys outside [max(chunk start, padding), min(chunk end, length)) are masked to -inf, and their
+ *     K/V rows are zero-filled by the copy (src-size 0), never read: NaN in unused cache slots cannot
+ *     leak into the output through 0 * NaN.
+ *   - At the end the warps merge their (m, l, O) through shared memory (reusing their pipeline buffers)
+ *     and the CTA writes one partial per query head, exactly like v1.
+ * Shared memory rows are padded by 16 bytes (kLd = D + 8 elements) so that the eight 16-byte row reads
+ * of an ldmatrix hit distinct banks. */
+
+namespace v2 {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;  /* query rows per CTA (one MMA tile) */
+constexpr int kKeys = 16;  /* keys per warp tile (the k extent of the P V MMA) */
+
+template <int D> struct Cfg {
+    static constexpr int kStages = D == 64 ? 4 : (D == 128 ? 3 : 2);
+    static constexpr int kLd = D + 8;                         /* smem row stride in elements */
+    static constexpr int kTile = kKeys * kLd;                 /* elements of one K or V tile */
+    static constexpr int kWarpElems = kStages * 2 * kTile;    /* a warp's pipeline: [stage][K, V][key][kLd] */
+    static constexpr int kQElems = kRows * kLd;
+    static constexpr size_t kSmemBytes = (size_t)(kQElems + kWarps * kWarpElems) * 2;
+    static constexpr int kChunksPerRow = D / 8;               /* 16-byte chunks per key row */
+    static constexpr int kCopies = kKeys * kChunksPerRow / 32; /* per lane, per tensor, per tile */
+    static constexpr int kMergeLd = D + 4;                    /* merge buffer row stride (floats) */
+    static constexpr int kMergeFloats = 2 * kRows + kRows * kMergeLd;
+    static_assert(D % 16 == 0 && (kKeys * kChunksPerRow) % 32 == 0, "tile shape");
+    static_assert((size_t)kMergeFloats * 4 <= (size_t)kWarpElems * 2, "merge buffer must fit a warp's pipeline");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_v2_kernel(const DecodeArgs a) {
+    using C = Cfg<D>;
+    using namespace rpc_mma;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    uint16_t *sq = reinterpret_cast<uint16_t *>(smem_raw); /* [kRows][kLd], raw 16-bit elements */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint16_t *sw = sq + C::kQElems + warp * C::kWarpElems; /* this warp's pipeline */
+
+    const int64_t split = blockIdx.x;
+    const int64_t kh = blockIdx.y / a.groups;
+    const int64_t g0 = (blockIdx.y % a.groups) * kRows;
+    const int64_t b = blockIdx.z;
+    const int rows = (int)(a.G - g0 < kRows ? a.G - g0 : kRows);
+
+    /* Live range of this split (block-uniform). Same clamping as v1: corrupt lengths cannot make a
+     * block read outside [0, cap). */
+    int64_t live = a.lengths[0];
+    live = live < 0 ? 0 : (live > a.cap ? a.cap : live);
+    int64_t pad = a.padding != nullptr ? a.padding[b] : 0;
+    pad = pad < 0 ? 0 : (pad > live ? live : pad);
+    int64_t chunk = (live + a.splits - 1) / a.splits;
+    chunk = chunk < kMinChunk ? kMinChunk : chunk;
+    chunk = (chunk + kKeys - 1) / kKeys * kKeys;
+    int64_t t0 = split * chunk;
+    int64_t t1 = t0 + chunk < live ? t0 + chunk : live;
+    t0 = t0 > pad ? t0 : pad;
+    const int64_t row0 = (b * a.Hq + kh * a.G + g0) * a.splits + split; /* workspace row of query row 0 */
+
+    if (t0 >= t1) { /* nothing to attend to: an empty partial, skipped by the combine kernel */
+        for (int r = threadIdx.x; r < rows; r += kThreads) {
+            a.ws_m[row0 + (int64_t)r * a.splits] = -INFINITY;
+            a.ws_l[row0 + (int64_t)r * a.splits] = 0.0f;
+        }
+        return;
+    }
+
+    /* Query rows of the group (zeros past `rows`), staged once for ldmatrix. */
+    {
+        const uint16_t *qg = static_cast<const uint16_t *>(a.q) + b * a.qs0 + (kh * a.G + g0) * a.qs1;
+        for (int e = threadIdx.x; e < kRows * D; e += kThreads) {
+            const int r = e / D, d = e - r * D;
+            sq[r * C::kLd + d] = r < rows ? qg[(int64_t)r * a.qs1 + (int64_t)d * a.qs2] : (uint16_t)0;
+        }
+    }
+    __syncthreads();
+
+    const uint16_t *kbase = static_cast<const uint16_t *>(a.k) + b * a.ks0 + kh * a.ks1;
+    const uint16_t *vbase = static_cast<const uint16_t *>(a.v) + b * a.vs0 + kh * a.vs1;
+    const int64_t ntiles = (t1 - t0 + kKeys - 1) / kKeys;
+    const int64_t mine = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0; /* warp-uniform */
+
+    /* Issues the copies of the warp's tile i (keys t0 + 16 * (warp + 4 i) ...) into stage `st`. */
+    auto load_tile = [&](int64_t i, int st) {
+        const int64_t ts = t0 + (int64_t)(warp + kWarps * i) * kKeys;
+        uint16_t *dk = sw + st * 2 * C::kTile;
+        uint16_t *dv = dk + C::kTile;
+#pragma unroll
+        for (int c = 0; c < C::kCopies; ++c) {
+            const int id = lane + 32 * c;
+            const int r = id / C::kChunksPerRow, part = id % C::kChunksPerRow;
+            const int64_t key = ts + r;
+            const bool ok = key < t1;
+            const int64_t src = ok ? key : t0; /* a mapped row; nothing is read when !ok */
+            cp_async16(dk + r * C::kLd + part * 8, kbase + src * a.ks2 + part * 8, ok);
+            cp_async16(dv + r * C::kLd + part * 8, vbase + src * a.vs2 + part * 8, ok);
+        }
+    };
+
+    /* Per-lane ldmatrix row/column offsets (see mma_common.cuh for the fragment layouts). */
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8; /* Q and V^T */
+    const int k_row = (lane & 7) + (lane >> 4) * 8, k_col = ((lane >> 3) & 1) * 8;  /* K */
+    const int tq = lane & 3, gq = lane >> 2;
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_lo = -INFINITY, m_hi = -INFINITY; /* running max of rows gq and gq + 8 (base-2 units) */
+    float l_lo = 0.0f, l_hi = 0.0f;           /* this lane's part of the row sums */
+    const float scale2 = a.scale_log2;
+
+#pragma unroll
+    for (int st = 0; st < C::kStages - 1; ++st) {
+        if (st < mine) load_tile(st, st);
+        cp_async_commit(); /* empty groups keep the group count uniform */
+    }
+    for (int64_t i = 0; i < mine; ++i) {
+        {
+            const int64_t nxt = i + C::kStages - 1;
+            if (nxt < mine) load_tile(nxt, (int)(nxt % C::kStages)); /* the stage computed at i - 1 */
+            cp_async_commit();
+        }
+        cp_async_wait<C::kStages - 1>(); /* this lane's copies of tile i have landed */
+        __syncwarp();                    /* ... and every lane's are visible */
+        const uint16_t *tk = sw + (int)(i % C::kStages) * 2 * C::kTile;
+        const uint16_t *tv = tk + C::kTile;
+
+        float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t qa[4], kb[4];
+            ldmatrix_x4(qa, sq + a_row * C::kLd + kk * 16 + a_col);
+            ldmatrix_x4(kb, tk + k_row * C::kLd + kk * 16 + k_col);
+            mma_16816<T>(s[0], qa, kb[0], kb[1]);
+            mma_16816<T>(s[1], qa, kb[2], kb[3]);
+        }
+
+        /* Scale, mask, one max per row and tile. */
+        const int64_t kt = t0 + (int64_t)(warp + kWarps * i) * kKeys + 2 * tq;
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const bool ok = kt + 8 * j + (c & 1) < t1;
+                s[j][c] = ok ? s[j][c] * scale2 : -INFINITY;
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(s[j][0], s[j][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[j][2], s[j][3]));
+        }
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        /* While a row has seen only masked keys its max is -inf: use 0 as the reference so that
+         * exp2(-inf - 0) = 0 everywhere and no inf - inf appears. */
+        const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
+        const float al_lo = exp2f(m_lo - ref_lo), al_hi = exp2f(m_hi - ref_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        float p[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            p[j][0] = exp2f(s[j][0] - ref_lo);
+            p[j][1] = exp2f(s[j][1] - ref_lo);
+            p[j][2] = exp2f(s[j][2] - ref_hi);
+            p[j][3] = exp2f(s[j][3] - ref_hi);
+        }
+        l_lo = l_lo * al_lo + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+        l_hi = l_hi * al_hi + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= al_lo;
+            o[n][1] *= al_lo;
+            o[n][2] *= al_hi;
+            o[n][3] *= al_hi;
+        }
+        /* The S accumulators of keys 0-7 and 8-15 are exactly the A fragment of P (16 x 16 keys). */
+        const uint32_t pa[4] = {pack2<T>(p[0][0], p[0][1]), pack2<T>(p[0][2], p[0][3]), pack2<T>(p[1][0], p[1][1]),
+                                pack2<T>(p[1][2], p[1][3])};
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+            uint32_t vb[4];
+            ldmatrix_x4_trans(vb, tv + a_row * C::kLd + n2 * 16 + a_col);
+            mma_16816<T>(o[2 * n2], pa, vb[0], vb[1]);
+            mma_16816<T>(o[2 * n2 + 1], pa, vb[2], vb[3]);
+        }
+        __syncwarp(); /* every lane is done with this stage before it is refilled */
+    }
+    cp_async_wait<0>();
+    __syncwarp();
+
+    /* Row sums over the quad, then the warp's (m, l, O) into its own pipeline buffer. */
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    {
+        float *mb = reinterpret_cast<float *>(sw);
+        if (tq == 0) {
+            mb[gq] = m_lo;
+            mb[gq + 8] = m_hi;
+            mb[kRows + gq] = l_lo;
+            mb[kRows + gq + 8] = l_hi;
+        }
+        float *ob = mb + 2 * kRows;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            ob[gq * C::kMergeLd + 8 * n + 2 * tq] = o[n][0];
+            ob[gq * C::kMergeLd + 8 * n + 2 * tq + 1] = o[n][1];
+            ob[(gq + 8) * C::kMergeLd + 8 * n + 2 * tq] = o[n][2];
+            ob[(gq + 8) * C::kMergeLd + 8 * n + 2 * tq + 1] = o[n][3];
+        }
+    }
+    __syncthreads();
+
+    /* Merge the warps (fixed order: deterministic) and write the CTA's partial per query head. */
+    for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+        const int r = idx / D, d = idx - r * D;
+        float mw[kWarps], mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            mw[w] = reinterpret_cast<const float *>(sq + C::kQElems + w * C::kWarpElems)[r];
+            mx = fmaxf(mx, mw[w]);
+        }
+        float sum = 0.0f, acc = 0.0f;
+        if (mx != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) {
+                const float *mb = reinterpret_cast<const float *>(sq + C::kQElems + w * C::kWarpElems);
+                const float c = exp2f(mw[w] - mx);
+                sum += mb[kRows + r] * c;
+                acc += mb[2 * kRows + r * C::kMergeLd + d] * c;
+            }
+        }
+        const int64_t row = row0 + (int64_t)r * a.splits;
+        a.ws_acc[row * D + d] = acc;
+        if (d == 0) {
+            a.ws_m[row] = mx;
+            a.ws_l[row] = sum;
+        }
+    }
+}
+
+template <typename T, int D> cudaError_t launch(const DecodeArgs &a, cudaStream_t stream) {
+    const size_t smem = Cfg<D>::kSmemBytes;
+    cudaError_t e = cudaFuncSetAttribute(decode_v2_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+    if (e != cudaSuccess) return e;
+    const dim3 grid((unsigned)a.splits, (unsigned)(a.Hkv * a.groups), (unsigned)a.B);
+    decode_v2_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    decode_combine_kernel<T><<<(unsigned)(a.B * a.Hq), D, 0, stream>>>(a, D);
+    return cudaGetLastError();
+}
+
+template <typename T> cudaError_t dispatch(const DecodeArgs &a, int D, cudaStream_t stream) {
+    switch (D) {
+    case 64: return launch<T, 64>(a, stream);
+    case 128: return launch<T, 128>(a, stream);
+    default: return launch<T, 256>(a, stream);
+    }
+}
+
+size_t smem_for(int D) {
+    switch (D) {
+    case 64: return Cfg<64>::kSmemBytes;
+    case 128: return Cfg<128>::kSmemBytes;
+    default: return Cfg<256>::kSmemBytes;
+    }
+}
+
+} // namespace v2
+
 /* ------------------------------------------------------------------ append / ring */
 
 template <typename E>
@@ -384,8 +678,10 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
         return rpc_value_error(err, "decode_attention: lengths and workspace are required on CUDA");
     if (p->splits < 1 || p->splits > 65535)
         return rpc_value_error(err, "decode_attention: splits must be in [1, 65535]");
-    if (p->B > 65535 || p->Hkv * ((p->Hq / p->Hkv + 7) / 8) > 65535)
-        return rpc_value_error(err, "decode_attention: batch or head count too large for one launch");
+    if (p->version < 0 || p->version > 2)
+        return rpc_value_error(err, "decode_attention: version must be 0 (automatic), 1 or 2");
+    if (p->version == 2 && p->dtype == RPC_F32)
+        return rpc_value_error(err, "decode_attention: the v2 kernel (tensor cores) takes float16 or bfloat16 only");
     if (p->k_stride[3] != 1 || p->v_stride[3] != 1 || !aligned16(p->k) || !aligned16(p->v))
         return rpc_value_error(err, "decode_attention: keys/values need unit stride along head_dim and 16-byte alignment");
     for (int i = 0; i < 3; i++) {
@@ -393,10 +689,29 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
             return rpc_value_error(err, "decode_attention: key/value strides must be multiples of 8 elements on CUDA");
     }
     const int64_t G = p->Hq / p->Hkv;
+    RpcDeviceGuard guard;
+    RPC_CUDA_CHECK(guard.enter(device), "decode_attention: cudaSetDevice");
+    /* v2 (tensor cores, fp16/bf16) unless asked for v1 or the device cannot give it its shared memory
+     * (sm_80 and sm_90 can; a PTX-JIT build on a smaller part may not). */
+    bool use_v2 = p->dtype != RPC_F32 && p->version != 1;
+    if (use_v2) {
+        int optin = 0;
+        RPC_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                       "decode_attention: cudaDeviceGetAttribute");
+        if ((size_t)optin < v2::smem_for((int)p->D)) {
+            if (p->version == 2)
+                return rpc_value_error(err, "decode_attention: this device has too little shared memory for the v2 kernel");
+            use_v2 = false;
+        }
+    }
     int gm = 8;
-    if (G <= 1) gm = 1;
+    if (use_v2) gm = v2::kRows;
+    else if (G <= 1) gm = 1;
     else if (G <= 2) gm = 2;
     else if (G <= 4) gm = 4;
+    const int64_t groups = (G + gm - 1) / gm;
+    if (p->B > 65535 || p->Hkv * groups > 65535)
+        return rpc_value_error(err, "decode_attention: batch or head count too large for one launch");
     DecodeArgs a;
     a.q = p->q;
     a.k = p->k;
@@ -411,7 +726,7 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
     a.Hq = p->Hq;
     a.Hkv = p->Hkv;
     a.G = G;
-    a.groups = (G + gm - 1) / gm;
+    a.groups = groups;
     a.cap = p->cap;
     a.splits = p->splits;
     a.qs0 = p->q_stride[0];
@@ -428,14 +743,16 @@ int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stre
     a.vs2 = p->v_stride[2];
     a.scale_log2 = p->scale * kLog2e;
 
-    RpcDeviceGuard guard;
-    RPC_CUDA_CHECK(guard.enter(device), "decode_attention: cudaSetDevice");
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     cudaError_t e;
-    switch (p->dtype) {
-    case RPC_F32: e = dispatch_d<float>(a, (int)p->D, gm, s); break;
-    case RPC_F16: e = dispatch_d<__half>(a, (int)p->D, gm, s); break;
-    default: e = dispatch_d<__nv_bfloat16>(a, (int)p->D, gm, s); break;
+    if (use_v2) {
+        e = p->dtype == RPC_F16 ? v2::dispatch<__half>(a, (int)p->D, s) : v2::dispatch<__nv_bfloat16>(a, (int)p->D, s);
+    } else {
+        switch (p->dtype) {
+        case RPC_F32: e = dispatch_d<float>(a, (int)p->D, gm, s); break;
+        case RPC_F16: e = dispatch_d<__half>(a, (int)p->D, gm, s); break;
+        default: e = dispatch_d<__nv_bfloat16>(a, (int)p->D, gm, s); break;
+        }
     }
     RPC_CUDA_CHECK(e, "decode_attention kernel launch");
     return RPC_OK;

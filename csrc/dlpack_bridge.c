@@ -405,6 +405,16 @@ typedef struct {
 
 #define RPC_HOST_ALIGN 64
 
+/* Every Storage block is allocated and freed here, so these counters see every host/device allocation
+ * rpc_py makes (the kernels allocate nothing). Tests read them through _C._alloc_counts() to prove
+ * that a generation allocates nothing after its first compression; on a CPU build the host counts
+ * stand for the cudaMalloc/cudaFree calls the same code makes on a GPU. Updated with the GIL held. */
+static int64_t alloc_counts[4]; /* host allocs, device allocs, host frees, device frees */
+
+void rpc_alloc_counts(int64_t out[4]) {
+    memcpy(out, alloc_counts, sizeof alloc_counts);
+}
+
 PyObject *rpc_storage_new(rpc_module_state *st, rpc_device_type dt, int device_id, size_t nbytes,
                           intptr_t stream) {
     if (dt != RPC_DEV_CPU && dt != RPC_DEV_CUDA) {
@@ -428,6 +438,7 @@ PyObject *rpc_storage_new(rpc_module_state *st, rpc_device_type dt, int device_i
             PyErr_Format(PyExc_MemoryError, "cannot allocate %zu bytes of host memory", nbytes);
             return NULL;
         }
+        alloc_counts[0]++;
         if (alloc >= ((size_t)1 << 20)) {
             Py_BEGIN_ALLOW_THREADS
             memset(p, 0, alloc);
@@ -455,6 +466,7 @@ PyObject *rpc_storage_new(rpc_module_state *st, rpc_device_type dt, int device_i
             Py_DECREF(self);
             return rpc_raise_status(rc, err);
         }
+        alloc_counts[1]++;
         self->data = p;
     }
     return (PyObject *)self;
@@ -474,7 +486,9 @@ static void storage_dealloc(PyObject *op) {
     if (self->data != NULL) {
         if (self->device_type == RPC_DEV_CPU) {
             free(self->data);
+            alloc_counts[2]++;
         } else {
+            alloc_counts[3]++;
             char err[RPC_ERR_LEN] = {0};
             int rc = rpc_cuda_free(self->device_id, self->data, err);
             if (rc != RPC_OK) {

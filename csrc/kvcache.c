@@ -38,6 +38,20 @@ typedef struct {
     int64_t host_len[2];         /* source of the device update; pageable, so the driver stages it */
 } rpc_layer;
 
+/* Compression scratch of one device (slot 0: host, slot d + 1: cuda:d), shared by every layer placed
+ * there: scores, kept indices and the CUDA scoring workspace of one compression. Sized on the first
+ * compression for the largest one the layer's capacity allows (a cache preallocated for the schedule's
+ * peak never regrows it) and reused, so compressing allocates and frees nothing: on CUDA no
+ * cudaMalloc/cudaFree, hence no device sync with the GIL held. Reuse across streams is ordered by
+ * `event` (recorded after each use), never by the host. */
+typedef struct {
+    PyObject *storage;           /* owned Storage, or NULL */
+    size_t nbytes;               /* usable bytes of storage */
+    void *event;                 /* owned cudaEvent_t (CUDA slots), created with the first block */
+    intptr_t stream;             /* stream of the last use */
+    int used;                    /* event recorded at least once */
+} rpc_scratch;
+
 typedef struct {
     PyObject_HEAD
     int64_t num_layers, B, H, D;
@@ -51,6 +65,8 @@ typedef struct {
     int closed;
     int busy;                    /* a method is running (possibly without the GIL) */
     int64_t nbytes, peak_nbytes; /* bytes in blocks this cache allocated and still references */
+    rpc_scratch *scratch;        /* owned array of n_scratch per-device compression scratch slots */
+    int n_scratch;
 } KVCacheObject;
 
 /* ------------------------------------------------------------------ small helpers */
@@ -430,6 +446,20 @@ static int kvcache_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     return 0;
 }
 
+static void release_scratch(KVCacheObject *self) {
+    for (int i = 0; i < self->n_scratch; i++) {
+        rpc_scratch *sc = &self->scratch[i];
+        Py_CLEAR(sc->storage);
+        sc->nbytes = 0;
+        if (sc->event != NULL) {
+            char err[RPC_ERR_LEN] = {0};
+            (void)rpc_cuda_event_destroy(i - 1, sc->event, err); /* nothing to report it to */
+            sc->event = NULL;
+        }
+        sc->used = 0;
+    }
+}
+
 static void release_all(KVCacheObject *self) {
     if (self->layers != NULL) {
         for (int64_t i = 0; i < self->num_layers; i++) {
@@ -439,6 +469,7 @@ static void release_all(KVCacheObject *self) {
             Py_CLEAR(ly->lenbuf);
         }
     }
+    release_scratch(self);
 }
 
 static int kvcache_traverse(PyObject *op, visitproc visit, void *arg) {
@@ -450,6 +481,9 @@ static int kvcache_traverse(PyObject *op, visitproc visit, void *arg) {
             Py_VISIT(self->layers[i].qstorage);
             Py_VISIT(self->layers[i].lenbuf);
         }
+    }
+    for (int i = 0; i < self->n_scratch; i++) {
+        Py_VISIT(self->scratch[i].storage);
     }
     return 0;
 }
@@ -466,8 +500,11 @@ static void kvcache_dealloc(PyObject *op) {
     release_all(self);
     PyMem_Free(self->layers);
     PyMem_Free(self->padding);
+    PyMem_Free(self->scratch);
     self->layers = NULL;
     self->padding = NULL;
+    self->scratch = NULL;
+    self->n_scratch = 0;
     tp->tp_free(op);
     Py_DECREF(tp);
 }
@@ -972,6 +1009,68 @@ static PyObject *kvcache_queries(PyObject *op, PyObject *layer_obj) {
 
 /* ------------------------------------------------------------------ compress */
 
+static size_t scratch_align(size_t n) {
+    return (n + 255) / 256 * 256;
+}
+
+/* The device's scratch slot with at least `need` bytes. A (re)allocation sizes it for the largest
+ * compression of this layer's capacity (candidates [start, cap - window)), so a cache preallocated for
+ * the schedule's peak allocates once per device and generation. NULL with an exception on failure. */
+static rpc_scratch *reserve_scratch(KVCacheObject *self, rpc_layer *ly, const rpc_score_params *sp, int64_t A,
+                                    size_t need, intptr_t stream) {
+    const int slot = ly->dev_type == RPC_DEV_CUDA ? ly->dev_id + 1 : 0;
+    if (slot >= self->n_scratch) {
+        rpc_scratch *grown = PyMem_Realloc(self->scratch, (size_t)(slot + 1) * sizeof(rpc_scratch));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memset(grown + self->n_scratch, 0, (size_t)(slot + 1 - self->n_scratch) * sizeof(rpc_scratch));
+        self->scratch = grown;
+        self->n_scratch = slot + 1;
+    }
+    rpc_scratch *sc = &self->scratch[slot];
+    if (sc->storage != NULL && sc->nbytes >= need) {
+        return sc;
+    }
+    char err[RPC_ERR_LEN] = {0};
+    int64_t nmax = ly->cap - self->window - sp->start;
+    if (nmax < sp->end - sp->start) {
+        nmax = sp->end - sp->start;
+    }
+    rpc_score_params big = *sp;
+    big.end = sp->start + nmax;
+    size_t ws = 0;
+    if (ly->dev_type == RPC_DEV_CUDA) {
+        int rc = rpc_cuda_score_workspace(ly->dev_id, &big, &ws, err);
+        if (rc != RPC_OK) {
+            rpc_raise_status(rc, err);
+            return NULL;
+        }
+    }
+    size_t want = ws + scratch_align((size_t)(self->B * A * nmax) * sizeof(float)) +
+                  scratch_align((size_t)(self->B * A * nmax) * sizeof(int64_t));
+    if (want < need) {
+        want = need;
+    }
+    if (ly->dev_type == RPC_DEV_CUDA && sc->event == NULL) {
+        int rc = rpc_cuda_event_create(ly->dev_id, &sc->event, err);
+        if (rc != RPC_OK) {
+            rpc_raise_status(rc, err);
+            return NULL;
+        }
+    }
+    /* Dropping the old block frees it; on CUDA cudaFree waits for the work that still uses it. */
+    Py_CLEAR(sc->storage);
+    sc->nbytes = 0;
+    sc->storage = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, want, stream);
+    if (sc->storage == NULL) {
+        return NULL;
+    }
+    sc->nbytes = want;
+    return sc;
+}
+
 static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs) {
     KVCacheObject *self = (KVCacheObject *)op;
     static char *kwlist[] = {"layer", "start", "keep", "aggregation", "pooling", "kernel_size", "stream",
@@ -1050,28 +1149,10 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
     }
     const int64_t A = agg == RPC_AGG_ALL ? 1 : self->H;
     const size_t n_scores = (size_t)(self->B * A * N), n_idx = (size_t)(self->B * A * keep);
-    float *scores;
-    int64_t *indices;
-    if (ly->dev_type == RPC_DEV_CPU) {
-        host_scores = malloc(n_scores * sizeof(float) + 1);
-        host_indices = malloc(n_idx * sizeof(int64_t) + 1);
-        if (host_scores == NULL || host_indices == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        scores = host_scores;
-        indices = host_indices;
-    } else {
-        score_store = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, n_scores * sizeof(float), stream);
-        index_store = score_store ? rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id,
-                                                    n_idx * sizeof(int64_t), stream)
-                                  : NULL;
-        if (index_store == NULL) {
-            goto done;
-        }
-        scores = rpc_storage_data(score_store);
-        indices = rpc_storage_data(index_store);
-    }
+    const int dev = ly->dev_id;
+    const int on_cuda = ly->dev_type == RPC_DEV_CUDA;
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
     rpc_score_params sp;
     memset(&sp, 0, sizeof sp);
     sp.q = rpc_storage_data(ly->qstorage);
@@ -1093,8 +1174,54 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
     sp.pool = pool;
     sp.kernel_size = kernel_size;
     sp.scale = (float)(1.0 / sqrt((double)self->D));
-    sp.out = scores;
     sp.raw = NULL;
+
+    /* Scratch: [scores | indices | CUDA score workspace]; with return_details the scores and indices
+     * are handed to the caller, so they get blocks of their own and only the workspace is shared. */
+    const size_t b_scores = scratch_align(n_scores * sizeof(float)), b_idx = scratch_align(n_idx * sizeof(int64_t));
+    size_t b_ws = 0;
+    if (on_cuda && (rc = rpc_cuda_score_workspace(dev, &sp, &b_ws, err)) != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    rpc_scratch *sc = reserve_scratch(self, ly, &sp, A, details ? b_ws : b_ws + b_scores + b_idx, stream);
+    if (sc == NULL) {
+        goto done;
+    }
+    unsigned char *sbase = (unsigned char *)rpc_storage_data(sc->storage);
+    float *scores;
+    int64_t *indices;
+    if (!details) {
+        scores = (float *)sbase;
+        indices = (int64_t *)(sbase + b_scores);
+        sp.workspace = sbase + b_scores + b_idx;
+    } else if (!on_cuda) {
+        host_scores = malloc(n_scores * sizeof(float) + 1);
+        host_indices = malloc(n_idx * sizeof(int64_t) + 1);
+        if (host_scores == NULL || host_indices == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        scores = host_scores;
+        indices = host_indices;
+    } else {
+        score_store = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, n_scores * sizeof(float), stream);
+        index_store = score_store ? rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id,
+                                                    n_idx * sizeof(int64_t), stream)
+                                  : NULL;
+        if (index_store == NULL) {
+            goto done;
+        }
+        scores = rpc_storage_data(score_store);
+        indices = rpc_storage_data(index_store);
+        sp.workspace = sbase;
+    }
+    if (on_cuda) {
+        sp.workspace_bytes = b_ws;
+    } else {
+        sp.workspace = NULL;
+    }
+    sp.out = scores;
 
     rpc_select_params sel;
     memset(&sel, 0, sizeof sel);
@@ -1123,18 +1250,26 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
     cp.end = end;
     cp.keep = keep;
 
-    char err[RPC_ERR_LEN] = {0};
-    int rc;
-    const int dev = ly->dev_id;
-    const int on_cuda = ly->dev_type == RPC_DEV_CUDA;
     Py_BEGIN_ALLOW_THREADS
     if (on_cuda) {
-        rc = rpc_cuda_score(dev, &sp, (void *)stream, err);
+        /* The scratch may still be in use by work queued on another stream: order, don't wait. */
+        rc = (sc->used && sc->stream != stream) ? rpc_cuda_stream_wait_event(dev, (void *)stream, sc->event, err)
+                                                : RPC_OK;
+        if (rc == RPC_OK) {
+            rc = rpc_cuda_score(dev, &sp, (void *)stream, err);
+        }
         if (rc == RPC_OK) {
             rc = rpc_cuda_select(dev, &sel, (void *)stream, err);
         }
         if (rc == RPC_OK) {
             rc = rpc_cuda_compact(dev, &cp, (void *)stream, err);
+        }
+        if (rc == RPC_OK) {
+            rc = rpc_cuda_event_record(dev, sc->event, (void *)stream, err);
+        }
+        if (rc == RPC_OK) {
+            sc->stream = stream;
+            sc->used = 1;
         }
     } else {
         rc = rpc_cpu_score(&sp, err);
@@ -1287,6 +1422,11 @@ static PyObject *get_config(PyObject *op, void *closure) {
     if (strcmp(which, "nbytes") == 0) return PyLong_FromLongLong((long long)self->nbytes);
     if (strcmp(which, "peak_nbytes") == 0) return PyLong_FromLongLong((long long)self->peak_nbytes);
     if (strcmp(which, "busy") == 0) return PyBool_FromLong(self->busy);
+    if (strcmp(which, "scratch_nbytes") == 0) {
+        long long total = 0;
+        for (int i = 0; i < self->n_scratch; i++) total += (long long)self->scratch[i].nbytes;
+        return PyLong_FromLongLong(total);
+    }
     PyErr_SetString(PyExc_AttributeError, which);
     return NULL;
 }
@@ -1304,6 +1444,9 @@ static PyGetSetDef kvcache_getset[] = {
     {"nbytes", get_config, NULL, "Bytes of K/V, ring and length blocks this cache holds now.", "nbytes"},
     {"peak_nbytes", get_config, NULL, "Largest value nbytes has had.", "peak_nbytes"},
     {"busy", get_config, NULL, "True while a method runs (another thread would get RuntimeError).", "busy"},
+    {"scratch_nbytes", get_config, NULL,
+     "Bytes of compression scratch held (one block per device, reused by every compression; not in nbytes).",
+     "scratch_nbytes"},
     {"padding", kvcache_get_padding, NULL, "Left-padding count per sequence (tuple).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -178,11 +178,23 @@ static PyObject *rpc_mod_openmp_built(PyObject *module, PyObject *unused) {
 #endif
 }
 
+static PyObject *rpc_mod_alloc_counts(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    int64_t c[4];
+    rpc_alloc_counts(c);
+    return Py_BuildValue("{sLsLsLsL}", "host_allocs", (long long)c[0], "device_allocs", (long long)c[1],
+                         "host_frees", (long long)c[2], "device_frees", (long long)c[3]);
+}
+
 static PyMethodDef rpc_module_methods[] = {
     {"cuda_built", rpc_mod_cuda_built, METH_NOARGS, "True when the CUDA backend was compiled in."},
     {"cuda_device_count", rpc_mod_cuda_device_count, METH_NOARGS,
      "Number of CUDA devices usable now (0 without a driver or device; 0 when CUDA is not built)."},
     {"openmp_built", rpc_mod_openmp_built, METH_NOARGS, "True when the CPU code was built with OpenMP."},
+    {"_alloc_counts", rpc_mod_alloc_counts, METH_NOARGS,
+     "_alloc_counts() -> dict: Storage blocks allocated and freed since import, host and device (every\n"
+     "cudaMalloc/cudaFree rpc_py makes goes through one Storage). For tests of the no-sync policy."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -125,14 +125,18 @@ static PyObject *wrap_result(rpc_module_state *st, const rpc_tensor *like, PyObj
 static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar)
 {
     static char *kwlist[] = {"queries", "keys", "start", "end", "aggregation", "pooling", "kernel_size",
-                             "stream", "raw", NULL};
+                             "stream", "raw", "version", NULL};
     PyObject *q_obj, *k_obj, *stream_obj = Py_None;
     long long start, end;
     const char *agg_name = "all", *pool_name = "avg";
-    int kernel_size = 7, want_raw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$ssiOp:score", kwlist, &q_obj, &k_obj, &start, &end,
-                                     &agg_name, &pool_name, &kernel_size, &stream_obj, &want_raw))
+    int kernel_size = 7, want_raw = 0, version = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$ssiOpi:score", kwlist, &q_obj, &k_obj, &start, &end,
+                                     &agg_name, &pool_name, &kernel_size, &stream_obj, &want_raw, &version))
         return NULL;
+    if (version < 0 || version > 2) {
+        PyErr_Format(PyExc_ValueError, "version: expected 0 (automatic), 1 or 2 (CUDA scoring kernel), got %d", version);
+        return NULL;
+    }
     int agg, pool;
     intptr_t stream;
     if (parse_choice(agg_name, "aggregation", "all", "group", &agg) < 0) return NULL;
@@ -143,7 +147,7 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
     }
     if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
 
-    PyObject *q_keep = NULL, *k_keep = NULL, *result = NULL, *storage = NULL;
+    PyObject *q_keep = NULL, *k_keep = NULL, *result = NULL, *storage = NULL, *ws_store = NULL;
     float *host = NULL;
     rpc_tensor q, k;
     char shp[2][128];
@@ -223,8 +227,19 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
         rc = scalar ? rpc_cpu_score_scalar(&p, err) : rpc_cpu_score(&p, err);
         Py_END_ALLOW_THREADS
     } else {
+        p.version = version;
+        size_t ws_bytes = 0;
+        rc = rpc_cuda_score_workspace(q.device_id, &p, &ws_bytes, err);
+        if (rc != RPC_OK) {
+            rpc_raise_status(rc, err);
+            goto done;
+        }
         storage = rpc_storage_new(st, q.device_type, q.device_id, count * 2 * sizeof(float), stream);
         if (!storage) goto done;
+        ws_store = rpc_storage_new(st, q.device_type, q.device_id, ws_bytes, stream);
+        if (!ws_store) goto done;
+        p.workspace = rpc_storage_data(ws_store);
+        p.workspace_bytes = ws_bytes;
         dev = rpc_storage_data(storage);
         p.out = (float *)dev;
         p.raw = want_raw ? (float *)dev + count : NULL;
@@ -254,6 +269,7 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
 done:
     free(host);
     Py_XDECREF(storage);
+    Py_XDECREF(ws_store); /* cudaFree waits for the device, so the launches above are done with it */
     Py_XDECREF(q_keep);
     Py_XDECREF(k_keep);
     return result;
@@ -525,11 +541,13 @@ static PyObject *ops_cpu_isa(PyObject *module, PyObject *args)
 
 static PyMethodDef ops_methods[] = {
     {"score", (PyCFunction)(void (*)(void))ops_score, METH_VARARGS | METH_KEYWORDS,
-     "score(queries, keys, start, end, *, aggregation='all', pooling='avg', kernel_size=7, stream=None, raw=False)\n"
+     "score(queries, keys, start, end, *, aggregation='all', pooling='avg', kernel_size=7, stream=None, raw=False,\n"
+     "      version=0)\n"
      "--\n\n"
      "RPC importance scores of the candidate keys [start, end) (steps 3-7 of the method).\n"
      "queries [B, Hq, R, D], keys [B, Hkv, L, D] (same dtype and device). Returns float32 pooled scores\n"
-     "[B, A, N] (A = 1 for 'all', Hkv for 'group'); with raw=True a tuple (pooled, unpooled)."},
+     "[B, A, N] (A = 1 for 'all', Hkv for 'group'); with raw=True a tuple (pooled, unpooled).\n"
+     "version (CUDA): 0 automatic, 1 the WMMA/fp32 kernels, 2 the mma.sync kernels (float16/bfloat16)."},
     {"_score_scalar", (PyCFunction)(void (*)(void))ops_score_scalar, METH_VARARGS | METH_KEYWORDS,
      "Same as score, computed by the plain C reference kernel (CPU only; for tests)."},
     {"select", (PyCFunction)(void (*)(void))ops_select, METH_VARARGS | METH_KEYWORDS,

@@ -48,6 +48,8 @@ void rpc_format_device(char *buf, size_t n, rpc_device_type dt, int id);   /* "c
 PyObject *rpc_storage_new(rpc_module_state *st, rpc_device_type dt, int device_id, size_t nbytes,
                           intptr_t stream);
 void *rpc_storage_data(PyObject *storage);
+/* Storage allocations and frees since import: {host allocs, device allocs, host frees, device frees}. */
+void rpc_alloc_counts(int64_t out[4]);
 size_t rpc_storage_nbytes(PyObject *storage);
 
 /* New View (a DLPack producer) over memory owned by `owner` (a Storage, kept alive by the view). */

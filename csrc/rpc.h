@@ -76,6 +76,10 @@ typedef struct {
     float scale;            /* logit scale, 1/sqrt(D) */
     float *out;             /* pooled scores [B, A, N], contiguous, float32; written */
     float *raw;             /* optional: aggregated scores before pooling [B, A, N]; may be NULL */
+    void *workspace;        /* CUDA: scratch of rpc_cuda_score_workspace() bytes, 256-byte aligned, owned by
+                               the caller (the launcher allocates nothing, so it never syncs); CPU: unused */
+    size_t workspace_bytes;
+    int version;            /* CUDA kernels: 0 automatic, 1 (WMMA / fp32) or 2 (mma.sync, fp16/bf16) */
 } rpc_score_params;
 
 /* ---------------------------------------------------------------- selection (step 8) */
@@ -134,9 +138,19 @@ int rpc_cuda_copy4d(int device, void *dst, const int64_t dst_stride[4], const vo
                     const int64_t src_stride[4], const int64_t shape[4], size_t elem_size, void *stream,
                     char *err);
 int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *err);
+/* Workspace bytes rpc_cuda_score needs for these sizes on `device` (reads device attributes only; no
+ * allocation, no sync). Non-decreasing in the number of candidates N, so a workspace sized for the
+ * largest N a cache can hold serves every smaller compression. */
+int rpc_cuda_score_workspace(int device, const rpc_score_params *p, size_t *bytes, char *err);
 int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err);
 int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err);
 int rpc_cuda_stream_synchronize(int device, void *stream, char *err);
+/* Events (cudaEvent_t as void*, timing disabled) order the reuse of a scratch buffer across streams
+ * without a host sync: record after the last use, make the next stream wait on it. */
+int rpc_cuda_event_create(int device, void **event, char *err);
+int rpc_cuda_event_destroy(int device, void *event, char *err);
+int rpc_cuda_event_record(int device, void *event, void *stream, char *err);
+int rpc_cuda_stream_wait_event(int device, void *stream, void *event, char *err);
 
 
 /* ---------------------------------------------------------------- decode (decode_cpu.c, decode_cuda.cu)
@@ -160,16 +174,19 @@ typedef struct {
     float scale;              /* logit scale, usually 1/sqrt(D) */
     int64_t splits;           /* CUDA: sequence splits per (b, kv head); from rpc_decode_splits. CPU: unused */
     float *workspace;         /* CUDA: rpc_decode_workspace_floats(...) floats; CPU: unused (may be NULL) */
+    int version;              /* CUDA kernel: 0 automatic (v2 for fp16/bf16, v1 for fp32), 1 or 2. CPU: unused */
 } rpc_decode_params;
 
-/* Default number of sequence splits for the CUDA decode kernel: enough blocks to fill a large GPU
- * (about 1024 per launch) without splitting below 64 tokens of capacity. A pure function of the shape
- * so that Python can size the workspace once, before capture. */
+/* Default number of sequence splits for the CUDA decode kernels: about 2048 CTAs per launch (the v2
+ * kernel runs two per SM, so ~8 waves on 132 SMs: the last, partial wave costs little) without
+ * splitting below 256 tokens of capacity (a CTA streams at least 16 of its 16-key tiles per warp pair,
+ * which keeps its pipeline prologue and its partial write small next to the K/V it reads). A pure
+ * function of the shape so that Python can size the workspace once, before capture. */
 static inline int64_t rpc_decode_splits(int64_t B, int64_t Hq, int64_t Hkv, int64_t cap) {
-    int64_t groups = (Hq / (Hkv > 0 ? Hkv : 1) + 7) / 8; /* blocks per KV head (8 query heads each) */
+    int64_t groups = (Hq / (Hkv > 0 ? Hkv : 1) + 15) / 16; /* CTAs per KV head (16 query heads each) */
     int64_t blocks = B * Hkv * (groups > 0 ? groups : 1);
-    int64_t s = (1024 + blocks - 1) / (blocks > 0 ? blocks : 1);
-    int64_t most = (cap + 63) / 64;
+    int64_t s = (2048 + blocks - 1) / (blocks > 0 ? blocks : 1);
+    int64_t most = (cap + 255) / 256;
     if (s > most) s = most;
     if (s > 1024) s = 1024;
     return s < 1 ? 1 : s;
