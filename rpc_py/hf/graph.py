@@ -43,7 +43,7 @@ from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache
 from .generate import _cache_kwarg, check_model_supported
 
-__all__ = ["RPC_DECODE", "static_decode", "graph_generate", "GraphFallbackWarning"]
+__all__ = ["RPC_DECODE", "static_decode", "graph_generate", "GraphFallbackWarning", "capture_blockers"]
 
 RPC_DECODE = "rpc_decode"
 
@@ -172,6 +172,56 @@ def register_decode_attention() -> None:
         _registered = True
 
 
+# ---------------------------------------------------------------------------------- capture blockers
+
+# Config fields that give a mixture-of-experts layer its expert count (Mixtral, Qwen2/3-MoE, DeepSeek, ...).
+_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _rope_types(obj) -> list[str]:
+    t = getattr(obj, "rope_type", None)
+    if isinstance(t, dict):
+        return [v for v in t.values() if isinstance(v, str)]
+    return [t] if isinstance(t, str) else []
+
+
+def capture_blockers(model) -> list[str]:
+    """Why one decode step of ``model`` cannot be recorded in a CUDA graph: parts of the forward pass
+    that read device values on the host (a sync, illegal while a stream is capturing). Empty when none
+    is known. Checked:
+
+    * RoPE that recomputes its frequencies from the positions (``dynamic``/``*dynamic*`` and
+      ``longrope`` rope types): transformers' ``dynamic_rope_update`` takes ``torch.max(position_ids)``
+      and branches on it in Python.
+    * Mixture-of-experts layers: token routing gathers each expert's tokens with data-dependent shapes
+      (``nonzero`` / ``torch.where``), which needs their count on the host.
+    """
+    reasons: list[str] = []
+    seen: set[str] = set()
+    for name, module in model.named_modules():
+        for t in _rope_types(module):
+            if ("dynamic" in t or t == "longrope") and t not in seen:
+                seen.add(t)
+                reasons.append(f"RoPE type {t!r} ({name or 'model'}) recomputes its frequencies from "
+                               "torch.max(position_ids) on the host")
+    text = model.config.get_text_config(decoder=True) if hasattr(model, "config") else None
+    if text is not None:
+        rp = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+        if isinstance(rp, dict):
+            t = rp.get("rope_type", rp.get("type"))
+            if isinstance(t, str) and ("dynamic" in t or t == "longrope") and t not in seen:
+                seen.add(t)
+                reasons.append(f"RoPE type {t!r} (config) recomputes its frequencies from torch.max(position_ids) "
+                               "on the host")
+        for field in _MOE_FIELDS:
+            n = getattr(text, field, None)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+                reasons.append(f"mixture-of-experts routing ({field}={n}) selects each expert's tokens with "
+                               "data-dependent shapes (nonzero), a host sync")
+                break
+    return reasons
+
+
 # ---------------------------------------------------------------------------------- sampling
 
 
@@ -279,6 +329,13 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     device = input_ids.device
     if capture and device.type != "cuda":
         raise ValueError(f"capture=True needs a CUDA model, got input_ids on {device}")
+    if capture:
+        blockers = capture_blockers(model)
+        if blockers:
+            warnings.warn("rpc_py: the decode step cannot be captured in a CUDA graph ("
+                          + "; ".join(blockers) + "); running the same step without a graph",
+                          GraphFallbackWarning, stacklevel=2)
+            capture = False
     settings = _generation_settings(model, dict(generation_kwargs))
     rpc = rpc if rpc is not None else RPCConfig(enabled=False)
     B, Lp = input_ids.shape
@@ -419,14 +476,18 @@ def graph_generate(model, input_ids, attention_mask=None, rpc: RPCConfig | None 
     """``rpc_py.generate`` with CUDA-graph decoding; returns the token ids ``[B, prompt + new]``.
 
     Falls back to ``rpc_py.generate`` (eager) with a ``GraphFallbackWarning`` where capture is
-    impossible: a CPU model, a CUDA build or device missing, or generation options the static loop
-    does not reproduce.
+    impossible: a model whose step syncs with the host (``capture_blockers``: dynamic/longrope RoPE,
+    mixture-of-experts routing), a CPU model, a CUDA build or device missing, or generation options
+    the static loop does not reproduce.
     """
     from .generate import generate as eager_generate
 
     reason = None
+    blockers = capture_blockers(model) if cuda_graph else []
     if not cuda_graph:
         reason = "cuda_graph=False"
+    elif blockers:
+        reason = "; ".join(blockers)
     elif input_ids.device.type != "cuda":
         reason = f"the model runs on {input_ids.device} (CUDA graphs need a CUDA device)"
     elif not _C.cuda_built():
