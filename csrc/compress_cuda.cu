@@ -548,14 +548,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const Score
     const int cpr = a.D / 8; /* 16-byte chunks per key row */
     const float scale2 = a.scale2;
 
+    /* Copy mapping, fixed per thread: 16-byte column `cpart` of key rows crow, crow + cstep, ...
+     * (blockDim >= 32 >= cpr, so every column has at least one thread). */
+    const int cstep = (int)blockDim.x / cpr;
+    const int cpart = threadIdx.x % cpr, crow = threadIdx.x / cpr < cstep ? threadIdx.x / cpr : kTile;
     auto load_tile = [&](int i, int stage) {
         const int n0 = (t_begin + i) * kTile;
-        uint16_t *dst = sbuf + stage * kTile * ld;
-        for (int c = threadIdx.x; c < kTile * cpr; c += blockDim.x) {
-            const int r = c / cpr, part = c - r * cpr;
+        uint16_t *dst = sbuf + stage * kTile * ld + cpart * 8;
+        const uint16_t *src = k + kb + cpart * 8;
+        for (int r = crow; r < kTile; r += cstep) {
             const bool ok = n0 + r < a.N;
             const int64_t pos = a.start + (ok ? n0 + r : 0);
-            cp_async16(dst + r * ld + part * 8, k + kb + pos * ks2 + part * 8, ok);
+            cp_async16(dst + r * ld, src + pos * ks2, ok);
         }
     };
 
@@ -600,8 +604,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const Score
             }
         }
 
-        /* Key of accumulator (j, c): n0 + 8 j + 2 tq + (c & 1); row half c >> 1. */
-        const int nbase = n0 + 2 * tq;
+        /* Key of accumulator (j, c): n0 + 8 j + 2 tq + (c & 1); row half c >> 1. Only the last tile
+         * of the candidates is partial (block-uniform test); its missing keys become -inf, which
+         * every use below maps to probability 0. Logits are raw dot products until here: the scale
+         * (> 0, so it keeps the order) is applied inside the exponent with one FFMA. */
+        if (n0 + kTile > a.N) {
+            const int nbase = n0 + 2 * tq;
+#pragma unroll
+            for (int s = 0; s < SPW; ++s)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c)
+                        if (nbase + 8 * j + (c & 1) >= a.N) acc[s][j][c] = -INFINITY;
+        }
         if (!PASS2) {
 #pragma unroll
             for (int s = 0; s < SPW; ++s) {
@@ -609,21 +625,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const Score
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
 #pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const float x = nbase + 8 * j + (c & 1) < a.N ? acc[s][j][c] * scale2 : -INFINITY;
-                        acc[s][j][c] = x;
-                        mx[c >> 1] = fmaxf(mx[c >> 1], x);
-                    }
+                    for (int c = 0; c < 4; ++c) mx[c >> 1] = fmaxf(mx[c >> 1], acc[s][j][c]);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
                     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-                    const float mn = fmaxf(st_m[s][h], mx[h]);
+                    const float mn = fmaxf(st_m[s][h], mx[h] * scale2);
                     const float ref = mn == -INFINITY ? 0.0f : mn;
                     float sum = 0.0f;
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) sum += exp2f(acc[s][j][2 * h] - ref) + exp2f(acc[s][j][2 * h + 1] - ref);
-                    st_l[s][h] = st_l[s][h] * exp2f(st_m[s][h] - ref) + sum;
+                    for (int j = 0; j < 4; ++j)
+                        sum += ex2(fmaf(acc[s][j][2 * h], scale2, -ref)) + ex2(fmaf(acc[s][j][2 * h + 1], scale2, -ref));
+                    st_l[s][h] = st_l[s][h] * ex2(st_m[s][h] - ref) + sum;
                     st_m[s][h] = mn;
                 }
             }
@@ -638,8 +651,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const Score
 #pragma unroll
                     for (int c = 0; c < 4; ++c) {
                         const int h = c >> 1;
-                        const float x = nbase + 8 * j + (c & 1) < a.N ? acc[s][j][c] * scale2 : -INFINITY;
-                        ksum[j][c & 1] += exp2f(x - st_m[s][h]) * st_l[s][h];
+                        ksum[j][c & 1] = fmaf(ex2(fmaf(acc[s][j][c], scale2, -st_m[s][h])), st_l[s][h], ksum[j][c & 1]);
                     }
             /* Sum over the 8 row groups of the warp (lanes with the same tq hold the same keys). */
 #pragma unroll

@@ -438,37 +438,36 @@ __global__ void __launch_bounds__(kThreads) decode_v2_kernel(const DecodeArgs a)
             mma_16816<T>(s[1], qa, kb[2], kb[3]);
         }
 
-        /* Scale, mask, one max per row and tile. */
-        const int64_t kt = t0 + (int64_t)(warp + kWarps * i) * kKeys + 2 * tq;
-        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+        /* Mask (only the tile holding t1 can be partial: a warp-uniform test), one max per row and
+         * tile on the raw dot products (the scale is > 0), the scale applied inside the exponent. */
+        const int64_t ts = t0 + (int64_t)(warp + kWarps * i) * kKeys;
+        if (ts + kKeys > t1) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
+            for (int j = 0; j < 2; ++j)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const bool ok = kt + 8 * j + (c & 1) < t1;
-                s[j][c] = ok ? s[j][c] * scale2 : -INFINITY;
-            }
-            mx_lo = fmaxf(mx_lo, fmaxf(s[j][0], s[j][1]));
-            mx_hi = fmaxf(mx_hi, fmaxf(s[j][2], s[j][3]));
+                for (int c = 0; c < 4; ++c)
+                    if (ts + 2 * tq + 8 * j + (c & 1) >= t1) s[j][c] = -INFINITY;
         }
+        float mx_lo = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+        float mx_hi = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
+        const float mn_lo = fmaxf(m_lo, mx_lo * scale2), mn_hi = fmaxf(m_hi, mx_hi * scale2);
         /* While a row has seen only masked keys its max is -inf: use 0 as the reference so that
          * exp2(-inf - 0) = 0 everywhere and no inf - inf appears. */
         const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
-        const float al_lo = exp2f(m_lo - ref_lo), al_hi = exp2f(m_hi - ref_hi);
+        const float al_lo = ex2(m_lo - ref_lo), al_hi = ex2(m_hi - ref_hi);
         m_lo = mn_lo;
         m_hi = mn_hi;
         float p[2][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            p[j][0] = exp2f(s[j][0] - ref_lo);
-            p[j][1] = exp2f(s[j][1] - ref_lo);
-            p[j][2] = exp2f(s[j][2] - ref_hi);
-            p[j][3] = exp2f(s[j][3] - ref_hi);
+            p[j][0] = ex2(fmaf(s[j][0], scale2, -ref_lo));
+            p[j][1] = ex2(fmaf(s[j][1], scale2, -ref_lo));
+            p[j][2] = ex2(fmaf(s[j][2], scale2, -ref_hi));
+            p[j][3] = ex2(fmaf(s[j][3], scale2, -ref_hi));
         }
         l_lo = l_lo * al_lo + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
         l_hi = l_hi * al_hi + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);

@@ -88,6 +88,16 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* 2^x with the hardware approximation, subnormal results flushed to zero (ex2.approx.ftz: about 2 ulp,
+ * ex2(-inf) = +0). exp2f() adds a range fix-up of three instructions per call for subnormal results;
+ * in a softmax every term that small is below float32 resolution of the sum it joins, whose largest
+ * term is 2^0. */
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 /* Two floats rounded to the 16-bit type, `lo` in the low half. */
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 
