@@ -1,7 +1,10 @@
 """How long does one RPC compression of one layer take?
 
 Times, in the same run and on the same inputs:
-  rpc_py      rpc_py.ops score + select + compact (in place),
+  rpc_py      KVCache.compress of one layer: score + select + compact in place, scratch reused (the
+              path generation takes; on CUDA nothing is allocated, nothing syncs),
+  rpc_py_ops  rpc_py.ops.compress (allocates its score/index outputs and scoring workspace per call),
+  rpc_py_v1_score (CUDA) the previous WMMA scoring kernels (version=1) + select + compact,
   reference   rpc_py.reference.compress_reference (float64 oracle),
   public      rpc_py.reference.public_algorithm_reference (the public code's style: input-dtype logits
               over all L tokens with K repeated G times, softmax, topk, gather + cat), in the input dtype.
@@ -24,7 +27,7 @@ import time
 
 import torch
 
-from rpc_py import ops
+from rpc_py import _C, ops
 from rpc_py.reference import compress_reference, public_algorithm_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,8 +114,25 @@ def bench_length(a, L, run):
         k.copy_(k0)
         v.copy_(v0)
 
-    def ours():
+    def ours_ops():
         ops.compress(q, k, v, a.prompt, keep, R)
+
+    # The production path: KVCache.compress with the cache's reused scratch (no allocation, no sync).
+    stream = torch.cuda.current_stream().cuda_stream if dev == "cuda" else None
+    kv = _C.KVCache(1, B, Hkv, D, a.dtype, capacity=L, fixed_capacity=True, window=R, q_heads=Hq)
+
+    def kv_setup():
+        kv.reset(stream=stream)
+        kv.append(0, k0, v0, stream=stream)
+        kv.record_query(0, q, stream=stream)
+
+    def ours():
+        kv.compress(0, a.prompt, keep, stream=stream)
+
+    def ours_v1():  # the previous scoring kernels (WMMA, version=1); select and compaction are the current ones
+        s = _C.score(q, k, a.prompt, L - R, stream=stream, version=1)
+        idx = _C.select(s, keep, stream=stream)
+        _C.compact(k, v, idx, a.prompt, L - R, stream=stream)
 
     def public():
         public_algorithm_reference(q, k0, v0, a.prompt, keep, R)
@@ -120,7 +140,9 @@ def bench_length(a, L, run):
     def reference():
         compress_reference(q, k0, v0, a.prompt, keep, R)
 
-    variants = {"rpc_py": (ours, reset), "public": (public, lambda: None)}
+    variants = {"rpc_py": (ours, kv_setup), "rpc_py_ops": (ours_ops, reset), "public": (public, lambda: None)}
+    if dev == "cuda":
+        variants["rpc_py_v1_score"] = (ours_v1, reset)
     if not a.no_reference:
         variants["reference"] = (reference, lambda: None)
     for fn, setup in variants.values():  # warm-up
@@ -162,7 +184,6 @@ def main():
         "rows": rows,
     }
     if a.device == "cpu":
-        from rpc_py import _C
         result["cpu_isa"] = _C._cpu_isa()
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
@@ -170,15 +191,18 @@ def main():
     print(f"machine: {result['machine']}" + (f", isa {result['cpu_isa']}" if "cpu_isa" in result else ""))
     print(f"B={a.batch} Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} {a.dtype} R={a.window} "
           f"P={a.interval} c={a.ratio}; ms per layer (median of {a.repeats}); JSON: {a.json}")
-    head = f"{'L':>6} {'N':>6} {'keep':>6} {'rpc_py':>9} {'public':>9} {'ref f64':>9} {'x public':>9} " \
-           f"{'x ref':>7} {'GB/s':>7}"
+    head = f"{'L':>6} {'N':>6} {'keep':>6} {'rpc_py':>9} {'ops':>9} {'v1 score':>9} {'public':>9} {'ref f64':>9} " \
+           f"{'x public':>9} {'x ref':>7} {'GB/s':>7}"
     print(head)
     for r in rows:
         ref = r["ms"].get("reference")
         ref_ms = f"{ref:.2f}" if ref else "-"
         ref_x = f"{r['speedup_vs_reference']:.2f}" if ref else "-"
-        print(f"{r['L']:>6} {r['N']:>6} {r['keep']:>6} {r['ms']['rpc_py']:>9.2f} {r['ms']['public']:>9.2f} "
-              f"{ref_ms:>9} {r['speedup_vs_public']:>9.2f} {ref_x:>7} {r['rpc_py_GBps']:>7.2f}")
+        v1 = r["ms"].get("rpc_py_v1_score")
+        v1_ms = f"{v1:.3f}" if v1 else "-"
+        print(f"{r['L']:>6} {r['N']:>6} {r['keep']:>6} {r['ms']['rpc_py']:>9.3f} {r['ms']['rpc_py_ops']:>9.3f} "
+              f"{v1_ms:>9} {r['ms']['public']:>9.2f} {ref_ms:>9} {r['speedup_vs_public']:>9.2f} {ref_x:>7} "
+              f"{r['rpc_py_GBps']:>7.2f}")
 
 if __name__ == "__main__":
     main()

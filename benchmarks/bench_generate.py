@@ -6,7 +6,11 @@ repeat by repeat (a, b, c, a, b, c, ...) so that drift (clocks, other load) hits
   (a) hf_dynamic  plain ``model.generate`` with transformers' default cache (a DynamicCache, passed in
                   explicitly only so that its length and bytes can be read),
   (b) rpc_off     ``rpc_py.generate(model, ..., rpc=None)``: rpc_py's cache, compression off,
-  (c) rpc         ``rpc_py.generate(model, ..., rpc=RPCConfig(interval=P, window=R, ratio=c))``.
+  (c) rpc         ``rpc_py.generate(model, ..., rpc=RPCConfig(interval=P, window=R, ratio=c))``,
+and, by default on CUDA only, the same two rpc_py configurations decoded by one captured CUDA-graph
+step replayed per token (``rpc_py.hf.graph.graph_generate``):
+  (d) rpc_off_graph, (e) rpc_graph. The graph loop takes no stopping criteria, so for these only the
+  whole call is timed; their prefill is timed by a 1-token call of the same function and subtracted.
 
 Every run is greedy with the end-of-sequence token disabled, so every run generates exactly
 ``--output`` tokens; the JSON records the count per run and the script fails if they differ.
@@ -70,11 +74,13 @@ try:
 except ImportError:  # progress bars are optional
     tqdm = None
 
-CONFIGS = ("hf_dynamic", "rpc_off", "rpc")
+CONFIGS = ("hf_dynamic", "rpc_off", "rpc", "rpc_off_graph", "rpc_graph")
 LABELS = {
     "hf_dynamic": "(a) transformers DynamicCache, model.generate",
     "rpc_off": "(b) rpc_py cache, compression off (rpc=None)",
     "rpc": "(c) rpc_py cache with RPC",
+    "rpc_off_graph": "(d) rpc_py, compression off, CUDA graph",
+    "rpc_graph": "(e) rpc_py with RPC, CUDA graph",
 }
 INTEGRATED = "integrated, not measured end to end"
 MIB = float(1 << 20)
@@ -124,7 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--ratio", type=int, help="c: keep P // c tokens per interval")
     p.add_argument("--budget", type=int, help="optional hard cap on kept selected tokens")
     p.add_argument("--aggregation", choices=["all", "group"], default="all")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=None,
+                   help="default: all on CUDA, the three eager ones on CPU")
     p.add_argument("--repeats", type=int, help="timed runs per configuration (median and spread)")
     p.add_argument("--warmup", type=int, default=8, help="tokens of the untimed warm-up run per configuration")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -145,6 +152,8 @@ def parse_args(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False on this machine")
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    if a.configs is None:
+        a.configs = list(CONFIGS) if a.device == "cuda" else [c for c in CONFIGS if not c.endswith("_graph")]
     d = DEFAULTS["tiny" if (a.model is None and a.shape == "tiny") else "big"]
     for key in ("batch", "output", "interval", "window", "ratio", "repeats", "sweep_lengths", "sweep_outputs"):
         if getattr(a, key) is None:
@@ -365,8 +374,65 @@ def _dynamic_kv_bytes(cache):
     return total
 
 
+def _graph_once(model, config, ids, mask, new_tokens, rpc, device, record):
+    """(d)/(e): the CUDA-graph loop; only the whole call and a 1-token call (its prefill) are timed."""
+    from rpc_py.hf.graph import graph_generate
+
+    kw = dict(rpc=rpc if config == "rpc_graph" else None, do_sample=False, pad_token_id=0, eos_token_id=None)
+    memory = MemoryProbe(device)
+
+    def call(n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = graph_generate(model, ids, mask, max_new_tokens=n, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    memory.start()
+    out, total = call(new_tokens)
+    memory.sample()
+    if not record:
+        return out, None
+    cache = last_cache()  # of the timed call: read before the 1-token call replaces it
+    stats = None
+    if cache is not None:
+        try:
+            stats = cache.stats()
+        except Exception:  # noqa: BLE001 - statistics are optional for this config
+            stats = None
+    _, prefill = call(1)
+    generated = out.shape[1] - ids.shape[1]
+    decode_s = max(total - prefill, 1e-9)
+    meas = {
+        "generated_tokens": int(generated),
+        "prefill_s": prefill,
+        "decode_s": decode_s,
+        "total_s": total,
+        "decode_tokens_per_s": ids.shape[0] * (generated - 1) / decode_s if generated > 1 else float("nan"),
+        "end_to_end_tokens_per_s": ids.shape[0] * generated / total,
+        "step_ms": [],
+        "cache_length": [],
+        "memory": memory.result(),
+        "kv": {"peak_bytes": 0, "final_live_bytes": 0, "note": "not recorded for the graph loop"},
+        "compressions": None,
+        "compress_s": 0.0,
+        "timing": "whole call minus a 1-token call (no per-step callback in the graph loop)",
+    }
+    if stats is not None:
+        meas["kv"] = {"peak_bytes": int(stats.peak_kv_bytes), "final_live_bytes": int(stats.live_kv_bytes),
+                      "note": "rpc_py C cache of the timed call"}
+        meas["compressions"] = int(stats.compressions[0]) if stats.compressions else 0
+        meas["compress_s"] = float(stats.compress_seconds)
+    return out, meas
+
+
 def generate_once(model, config, ids, mask, new_tokens, rpc, device, record=True):
     """One generate call of ``config``; returns (output ids, measurement dict)."""
+    if config.endswith("_graph"):
+        return _graph_once(model, config, ids, mask, new_tokens, rpc, device, record)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     memory = MemoryProbe(device)
     dyn = None
@@ -472,7 +538,7 @@ def run_end_to_end(model, args, clock):
             "peak_mem_delta_mib": mem_delta / MIB,
             "kv_peak_mib": max(r["kv"]["peak_bytes"] for r in mine) / MIB,
             "kv_final_mib": mine[0]["kv"]["final_live_bytes"] / MIB,
-            "max_cache_len": max(max(r["cache_length"]) for r in mine if r["cache_length"]),
+            "max_cache_len": max((max(r["cache_length"]) for r in mine if r["cache_length"]), default=None),
             "compressions": mine[0]["compressions"],
             "compress_ms": 1e3 * _spread([r["compress_s"] for r in mine])[0],
             "step_ms_median": statistics.median(s for r in mine for s in r["step_ms"]) if mine[0]["step_ms"] else None,
@@ -489,12 +555,17 @@ def run_end_to_end(model, args, clock):
               "expected_generated_tokens": args.output}
     if "hf_dynamic" in outputs:
         ref = outputs["hf_dynamic"]
-        for config in ("rpc_off", "rpc"):
+        for config in ("rpc_off", "rpc", "rpc_off_graph"):
             if config in outputs and outputs[config].shape == ref.shape:
                 same = (outputs[config] == ref).all(dim=0)
                 diverged = (~same).nonzero()
                 checks[f"{config}_tokens_equal_to_hf_dynamic"] = float(same.float().mean())
                 checks[f"{config}_first_divergent_token"] = int(diverged[0]) if len(diverged) else None
+    if "rpc" in outputs and "rpc_graph" in outputs and outputs["rpc"].shape == outputs["rpc_graph"].shape:
+        same = (outputs["rpc_graph"] == outputs["rpc"]).all(dim=0)
+        diverged = (~same).nonzero()
+        checks["rpc_graph_tokens_equal_to_rpc"] = float(same.float().mean())
+        checks["rpc_graph_first_divergent_token"] = int(diverged[0]) if len(diverged) else None
     if "rpc" in args.configs:
         checks["rpc_first_compression_after_token"] = args.rpc.interval + args.rpc.window + 1
     # Only the summary rows are a top-level list (gpu_check.sh prints top-level lists as tables).
