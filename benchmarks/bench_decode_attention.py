@@ -130,7 +130,7 @@ def main():
             print(f"{B:>5} {L:>7} {f(t_v2 and 1e3 * t_v2, 8, 3)} {f(1e3 * t_v1, 8, 3)} {1e3 * t_sdpa:>8.3f} "
                   f"{f(row['v2_GBps'], 8, 1)} {row['v1_GBps']:>8.1f} {row['sdpa_GBps']:>9.1f} "
                   f"{f(t_v2 and t_sdpa / t_v2, 7, 2)} {err:>9.2e}")
-            del k, v
+            k = v = ks = vs = None  # free before the next size is allocated
     with open(a.json, "w") as f:
         json.dump(rows, f, indent=1)
 

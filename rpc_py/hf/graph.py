@@ -41,7 +41,7 @@ from .. import _C
 from ..config import RPCConfig
 from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache
-from .generate import _cache_kwarg, check_model_supported
+from .generate import _LAST, _cache_kwarg, check_model_supported
 
 __all__ = ["RPC_DECODE", "static_decode", "graph_generate", "GraphFallbackWarning", "capture_blockers"]
 
@@ -344,6 +344,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     padding = (attention_mask.cumsum(-1) == 0).sum(-1)
     capacity = rpc.peak_length(Lp, max_new_tokens) if rpc.enabled else Lp + max_new_tokens
     cache = RPCCache(model, rpc, capacity=capacity, padding=padding.cpu())
+    _LAST.cache = cache  # rpc_py.last_cache() reports this call, as after rpc_py.generate
     eos = settings["eos_token_id"]
     eos = torch.as_tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=device)
     pad_id = settings["pad_token_id"]
