@@ -69,9 +69,9 @@ def _check(out, ref, dtype):
     torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("G", [1, 3, 7, 16, 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("D", [64, 128, 256], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("G", [1, 3, 7, 16, 20], ids=lambda g: f"G{g}")
 def test_decode_v2_matches_oracle_and_v1(dtype, D, G):
     Hkv = 2
     q, k, v = _decode_case(3, Hkv * G, Hkv, D, 700, dtype, seed=G * 7 + D)
@@ -84,7 +84,7 @@ def test_decode_v2_matches_oracle_and_v1(dtype, D, G):
         torch.testing.assert_close(got.float(), v1.float(), atol=2 * TOL[dtype], rtol=2 * TOL[dtype])
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 47, 1000])
+@pytest.mark.parametrize("splits", [1, 2, 3, 47, 1000], ids=lambda s: f"S{s}")
 def test_decode_v2_split_counts_and_empty_ctas(splits):
     q, k, v = _decode_case(2, 28, 4, 128, 2100, torch.bfloat16, seed=splits)
     for length in (40, 1999, 2100):  # 1000 splits of at least 64 keys: most CTAs get nothing
