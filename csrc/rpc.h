@@ -5,7 +5,8 @@
  *   dlpack_bridge.c DLPack consumer (any producer -> rpc_tensor) and producer (Storage/View objects)
  *   kvcache.c       the KVCache heap type (bookkeeping, validation, calls into kernels)
  *   compress_cpu.c  CPU kernels (scalar reference + fast path); no Python API in there
- *   *.cu            CUDA kernels and launchers; no Python API in there
+ *   *.cu            CUDA kernels and launchers; no Python API in there (cuda_common.cuh: errors and
+ *                   device guard; mma_common.cuh: cp.async / ldmatrix / mma.sync building blocks)
  *   cuda_stub.c     stand-ins for the rpc_cuda_* functions when CUDA is not built
  *
  * Kernels see only the plain structs below: raw pointers, sizes and strides counted in elements.
