@@ -8,10 +8,10 @@
 #   bash benchmarks/gpu_check.sh 3   compute-sanitizer memcheck on a small selection       est. 3-5 min
 #
 # Time estimates (H200, from the numbers we have; confirm and correct them on the first run):
-#   build: nvcc, 3 .cu files x (sm_80, sm_90, compute_90) ~ 2.5 min on the 2-core CI machine, about
-#     the same there (setup.py compiles one file at a time), then the C files (seconds). Every stage
-#     rebuilds only when rpc_py._C is missing or lacks CUDA (a fresh machine), so 2/2b/3 add ~2.5 min
-#     on a cold machine and ~0 on a warm one.
+#   build: nvcc, 3 .cu files x (sm_80, sm_90, compute_90): 1.5 min measured on the shared 2-core CI
+#     machine, about the same there (setup.py compiles one file at a time), then the C files
+#     (seconds). Every stage rebuilds only when rpc_py._C is missing or lacks CUDA (a fresh machine),
+#     so 2/2b/3 add ~1.5 min on a cold machine and ~0 on a warm one.
 #   1: CUDA tests (test_compress_cuda, test_kernels_v2_cuda, the cuda-marked rest): ~250 cases, mostly
 #     sub-second kernels plus a few 64K-token oracles on the CPU in float64 (~5-20 s each): ~1.5-2 min.
 #   2: decode bench (2 batches x 3 lengths x 3 variants, CUDA graphs of 50 calls): ~30 s; compression

@@ -72,6 +72,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 def short_name(demangled: str) -> str:
     """`(anonymous namespace)::v2::decode_v2_kernel<__nv_bfloat16, 128>(...)` -> `v2::decode_v2_kernel<bf16, 128>`."""
     s = demangled.replace("(anonymous namespace)::", "")
+    s = s[5:] if s.startswith("void ") else s
     s = re.sub(r"\(.*\)$", "", s)
     s = s.replace("__nv_bfloat16", "bf16").replace("__half", "f16").replace("unsigned short", "u16")
     s = s.replace("unsigned int", "u32").replace("uint4", "u128").replace("uint2", "u64")
@@ -205,8 +206,8 @@ def streaming(name: str) -> dict | None:
         return dict(op="ld.global", bytes=keys * D * es * 2, warps=1, nested=[], iters=iters,
                     shape_bytes=DEC["B"] * DEC["Hkv"] * DEC["L"] * D * 2 * 2,
                     what=f"decode v1, per warp: {keys} keys x {GM} heads")
-    m = re.search(r"score_v2_kernel<(\w+), (\d+), (\d+), (true|false)>", name)
-    if m:
+    m = re.search(r"score_v2_kernel<(\w+), (\d+), (\d+), (true|false), (true|false)>", name)
+    if m and m.group(5) == "true":  # the D = 16 * KS instantiations (64, 128, 256); the others run other D
         KS, SPW = int(m.group(2)), int(m.group(3))
         D = 16 * KS
         # the launcher's plan (score_plan in compress_cuda.cu) for the compression shape
@@ -312,13 +313,13 @@ def main(argv=None):
             json.dump(report, f, indent=1)
 
     print(f"{args.arch}, {nvcc_version}; estimate from SASS, not measured")
-    print(f"{'kernel':48s} {'regs':>4s} {'spill':>5s} {'smem':>5s}  {'loop':>5s} {'hmma':>4s} {'ldsm':>4s} "
+    print(f"{'kernel':52s} {'regs':>4s} {'spill':>5s} {'smem':>5s}  {'loop':>5s} {'hmma':>4s} {'ldsm':>4s} "
           f"{'ld':>4s} {'mufu':>4s} {'shfl':>4s} {'B/iter':>6s} {'ins/B':>6s} {'issue ms':>8s} {'mufu ms':>7s} "
           f"{'tc ms':>6s} {'floor ms':>8s}")
     for k in kernels:
         lp = k.get("loop")
         spill = (k.get("spill_stores") or 0) + (k.get("spill_loads") or 0)
-        row = f"{k['kernel'][:48]:48s} {k.get('registers') or 0:4d} {spill:5d} {k.get('smem_static') or 0:5d}"
+        row = f"{k['kernel'][:52]:52s} {k.get('registers') or 0:4d} {spill:5d} {k.get('smem_static') or 0:5d}"
         if lp:
             mx = lp["mix"]
             ld = mx["cp.async"] + mx["ld.global"]

@@ -460,13 +460,15 @@ __host__ __device__ inline size_t smem_bytes(int rows, int D) {
 }
 
 /* grid.x = (b * Hkv + kvh) * C + chunk, grid.y = row group; blockDim.x = 32 * warps. KS = ksteps
- * bound (D <= 16 * KS); SPW = stripes per warp. */
-template <typename T, int KS, int SPW, bool PASS2>
+ * bound (D <= 16 * KS); SPW = stripes per warp; EXACT: D == 16 * KS, so that the row stride, the
+ * k-step count and the copy mapping are compile-time constants (D = 64, 128, 256). */
+template <typename T, int KS, int SPW, bool PASS2, bool EXACT>
 __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const ScoreArgs a) {
     using namespace rpc_mma;
     extern __shared__ __align__(16) unsigned char smem[];
-    const int ld = ld_of(a.D);
-    const int ksteps = a.D / 16;
+    const int D = EXACT ? 16 * KS : a.D;
+    const int ld = ld_of(D);
+    const int ksteps = D / 16;
     const int nwarps = (int)(blockDim.x / 32);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int tq = lane & 3, gq = lane >> 2;
@@ -476,15 +478,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const Score
     const int qg = blockIdx.y;
     const int row0 = qg * a.QR;                     /* first query row (of G * R) of this CTA */
     uint16_t *sbuf = reinterpret_cast<uint16_t *>(smem);
-    const size_t ubytes = (smem_bytes(a.QR, a.D) - (size_t)2 * kMaxWarps * kTile * sizeof(float));
+    const size_t ubytes = smem_bytes(a.QR, D) - (size_t)2 * kMaxWarps * kTile * sizeof(float);
     float *red = reinterpret_cast<float *>(smem + ubytes); /* [2][kMaxWarps][kTile] */
 
     /* 1. Stage the CTA's query rows (zeros past G * R), load this warp's fragments, free the buffer. */
     {
         const uint16_t *q = static_cast<const uint16_t *>(a.q);
         const int64_t qb = (int64_t)b * a.qs[0];
-        for (int e = threadIdx.x; e < a.QR * a.D; e += blockDim.x) {
-            const int i = e / a.D, d = e - i * a.D;
+        for (int e = threadIdx.x; e < a.QR * D; e += blockDim.x) {
+            const int i = e / D, d = e - i * D;
             const int gr = row0 + i;
             uint16_t x = 0;
             if (gr < a.GR) {
@@ -545,7 +547,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1) score_v2_kernel(const Score
     const int t_begin = chunk * a.tiles_per_chunk;
     const int t_end = min(ntiles, t_begin + a.tiles_per_chunk);
     const int count = t_end > t_begin ? t_end - t_begin : 0;
-    const int cpr = a.D / 8; /* 16-byte chunks per key row */
+    const int cpr = D / 8; /* 16-byte chunks per key row */
     const float scale2 = a.scale2;
 
     /* Copy mapping, fixed per thread: 16-byte column `cpart` of key rows crow, crow + cstep, ...
@@ -742,7 +744,9 @@ int score_plan(const rpc_score_params *p, int device, ScorePlan *pl, char *err) 
     const int64_t kshape[4] = {B, Hkv, N, D};
     const bool k_vec = vec16_ok(static_cast<const unsigned char *>(p->k) + p->start * p->k_stride[2] * (int64_t)es,
                                 kshape, p->k_stride, es);
-    bool v2 = p->dtype != RPC_F32 && D % 16 == 0 && D <= 256 && k_vec && p->version != 1;
+    /* v2 takes row maxima of the raw dot products, so it needs a positive scale (always 1/sqrt(D)
+     * from the bindings; a caller of the C API could pass anything, and v1 handles any sign). */
+    bool v2 = p->dtype != RPC_F32 && D % 16 == 0 && D <= 256 && k_vec && p->version != 1 && p->scale > 0.0f;
     if (v2) {
         pl->SPW = D <= 128 ? 2 : 1;
         pl->KS = D <= 64 ? 4 : (D <= 128 ? 8 : 16);
@@ -757,7 +761,7 @@ int score_plan(const rpc_score_params *p, int device, ScorePlan *pl, char *err) 
     }
     if (p->version == 2 && !v2)
         return rpc_value_error(err, "rpc score (cuda): the v2 kernel needs float16/bfloat16, head_dim a multiple of 16 "
-                                    "up to 256 and 16-byte aligned key rows");
+                                    "up to 256, 16-byte aligned key rows and a positive scale");
     pl->version = v2 ? 2 : 1;
     if (!v2) {
         /* v1: query rows per block as many as fit the shared-memory budget (multiple of 16), then
@@ -802,25 +806,27 @@ int score_plan(const rpc_score_params *p, int device, ScorePlan *pl, char *err) 
     return RPC_OK;
 }
 
-template <typename T, int KS, int SPW> int launch_v2(const ScoreArgs &a, const ScorePlan &pl, cudaStream_t st, char *err) {
-    RPC_CUDA_CHECK(cudaFuncSetAttribute(sv2::score_v2_kernel<T, KS, SPW, false>,
+template <typename T, int KS, int SPW, bool EXACT>
+int launch_v2(const ScoreArgs &a, const ScorePlan &pl, cudaStream_t st, char *err) {
+    RPC_CUDA_CHECK(cudaFuncSetAttribute(sv2::score_v2_kernel<T, KS, SPW, false, EXACT>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem),
                    "rpc score: cudaFuncSetAttribute");
-    RPC_CUDA_CHECK(cudaFuncSetAttribute(sv2::score_v2_kernel<T, KS, SPW, true>,
+    RPC_CUDA_CHECK(cudaFuncSetAttribute(sv2::score_v2_kernel<T, KS, SPW, true, EXACT>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem),
                    "rpc score: cudaFuncSetAttribute");
     const dim3 grid((unsigned)(a.B_ * a.Hkv * pl.C), (unsigned)pl.QG);
-    sv2::score_v2_kernel<T, KS, SPW, false><<<grid, pl.warps * 32, pl.smem, st>>>(a);
+    sv2::score_v2_kernel<T, KS, SPW, false, EXACT><<<grid, pl.warps * 32, pl.smem, st>>>(a);
     RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 1");
-    sv2::score_v2_kernel<T, KS, SPW, true><<<grid, pl.warps * 32, pl.smem, st>>>(a);
+    sv2::score_v2_kernel<T, KS, SPW, true, EXACT><<<grid, pl.warps * 32, pl.smem, st>>>(a);
     RPC_CUDA_CHECK(cudaGetLastError(), "rpc score: launch of pass 2");
     return RPC_OK;
 }
 
 template <typename T> int launch_v2_t(const ScoreArgs &a, const ScorePlan &pl, cudaStream_t st, char *err) {
-    if (pl.KS == 4) return launch_v2<T, 4, 2>(a, pl, st, err);
-    if (pl.KS == 8) return launch_v2<T, 8, 2>(a, pl, st, err);
-    return launch_v2<T, 16, 1>(a, pl, st, err);
+    const bool exact = a.D == 16 * pl.KS;
+    if (pl.KS == 4) return exact ? launch_v2<T, 4, 2, true>(a, pl, st, err) : launch_v2<T, 4, 2, false>(a, pl, st, err);
+    if (pl.KS == 8) return exact ? launch_v2<T, 8, 2, true>(a, pl, st, err) : launch_v2<T, 8, 2, false>(a, pl, st, err);
+    return exact ? launch_v2<T, 16, 1, true>(a, pl, st, err) : launch_v2<T, 16, 1, false>(a, pl, st, err);
 }
 
 template <typename T>

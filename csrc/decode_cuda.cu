@@ -438,8 +438,12 @@ __global__ void __launch_bounds__(kThreads) decode_v2_kernel(const DecodeArgs a)
             mma_16816<T>(s[1], qa, kb[2], kb[3]);
         }
 
-        /* Mask (only the tile holding t1 can be partial: a warp-uniform test), one max per row and
-         * tile on the raw dot products (the scale is > 0), the scale applied inside the exponent. */
+        /* Scale (any sign: the caller may pass one), mask (only the tile holding t1 can be partial:
+         * a warp-uniform test), one max per row and tile. */
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[j][c] *= scale2;
         const int64_t ts = t0 + (int64_t)(warp + kWarps * i) * kKeys;
         if (ts + kKeys > t1) {
 #pragma unroll
@@ -454,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) decode_v2_kernel(const DecodeArgs a)
         mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
         mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
-        const float mn_lo = fmaxf(m_lo, mx_lo * scale2), mn_hi = fmaxf(m_hi, mx_hi * scale2);
+        const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
         /* While a row has seen only masked keys its max is -inf: use 0 as the reference so that
          * exp2(-inf - 0) = 0 everywhere and no inf - inf appears. */
         const float ref_lo = mn_lo == -INFINITY ? 0.0f : mn_lo, ref_hi = mn_hi == -INFINITY ? 0.0f : mn_hi;
@@ -464,10 +468,10 @@ __global__ void __launch_bounds__(kThreads) decode_v2_kernel(const DecodeArgs a)
         float p[2][4];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            p[j][0] = ex2(fmaf(s[j][0], scale2, -ref_lo));
-            p[j][1] = ex2(fmaf(s[j][1], scale2, -ref_lo));
-            p[j][2] = ex2(fmaf(s[j][2], scale2, -ref_hi));
-            p[j][3] = ex2(fmaf(s[j][3], scale2, -ref_hi));
+            p[j][0] = ex2(s[j][0] - ref_lo);
+            p[j][1] = ex2(s[j][1] - ref_lo);
+            p[j][2] = ex2(s[j][2] - ref_hi);
+            p[j][3] = ex2(s[j][3] - ref_hi);
         }
         l_lo = l_lo * al_lo + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
         l_hi = l_hi * al_hi + (p[0][2] + p[0][3]) + (p[1][2] + p[1][3]);
