@@ -403,6 +403,9 @@ class RPCCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
+        return -1
+
     def reset(self) -> None:
         self._reset_state()
 
