@@ -454,7 +454,7 @@ def generate_once(model, config, ids, mask, new_tokens, rpc, device, record=True
         if config == "hf_dynamic":
             out = model.generate(ids, attention_mask=mask, **kwargs)
         else:
-            out = rpc_generate(model, ids, mask, rpc=rpc if config == "rpc" else None, **kwargs)
+            out = rpc_generate(model, ids, attention_mask=mask, rpc=rpc if config == "rpc" else None, **kwargs)
     if device == "cuda":
         torch.cuda.synchronize()
     t_end = time.perf_counter()

@@ -247,7 +247,7 @@ def evaluate(model, tokenizer, problems, settings, *, samples: int = 1, do_sampl
                 kwargs.update(generate_kwargs or {})
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    out = rpc_generate(model, ids, mask, rpc=setting.rpc, **kwargs)
+                    out = rpc_generate(model, ids, attention_mask=mask, rpc=setting.rpc, **kwargs)
                 seconds = time.perf_counter() - t0
                 sequences = out.sequences if hasattr(out, "sequences") else out
                 new = sequences[:, width:].cpu()

@@ -80,17 +80,19 @@ def test_unsupported_attention_implementation(model):
         model.config._attn_implementation_internal = "sdpa"
 
 
-def test_contexts_do_not_nest_and_handles_expire(model):
+def test_contexts_nest_and_handles_expire(model):
     with compress(model, RPC) as handle:
-        with pytest.raises(RuntimeError, match="nest"):
-            with compress(model, RPC):
-                pass
-        with pytest.raises(RuntimeError, match="nest"):
-            generate(model, prompts(1)[0], max_new_tokens=2)
+        with compress(model, RPC.replace(interval=8)) as inner:
+            assert model.config._attn_implementation == "rpc_sdpa"
+        assert not inner.active and handle.active
+        assert model.config._attn_implementation == "rpc_sdpa" and "generate" in model.__dict__
+        generate(model, prompts(1)[0], max_new_tokens=2)  # a call inside a block is fine too
         assert model.config._attn_implementation == "rpc_sdpa"
     with pytest.raises(RuntimeError, match="exited"):
         handle.generate(prompts(1)[0], max_new_tokens=2)
-    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="exited"):
+        inner.generate(prompts(1)[0], max_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa" and "generate" not in model.__dict__
 
 
 def test_cache_without_rpc_attention_is_detected(model):
@@ -107,14 +109,95 @@ def test_cache_without_compression_needs_no_hook(model):
     assert cache.get_seq_length() == ids.shape[1] + 7
 
 
-def test_multi_token_step_after_decoding_refused(model):
+def test_multi_token_step_after_decoding_starts_a_new_turn(model):
+    cache = RPCCache(model, RPC)
+    key = _cache_kwarg(model)
+    ids = prompts(1)[0]
+    with compress(model, RPC), torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{key: cache})
+        for _ in range(RPC.interval + RPC.window + 3):  # one compression per layer
+            model(input_ids=torch.tensor([[5]]), use_cache=True, **{key: cache})
+        assert cache.compressions(0) == 1 and cache.prompt_length == ids.shape[1]
+        length = cache.get_physical_length()
+        model(input_ids=torch.tensor([[5, 6]]), use_cache=True, **{key: cache})
+        # everything held is now the uncompressed prefix; the compression count carries over
+        assert cache.prompt_length == cache.get_physical_length() == length + 2
+        assert cache.compressions(0) == 1 and cache.layers[0].kept == 0
+        assert cache.get_seq_length() == ids.shape[1] + RPC.interval + RPC.window + 5
+
+
+def test_compressed_cache_without_rpc_attention_fails_before_returning(model):
+    """Once compressed, a layer's mask must be mapped onto its slots: running it with the plain
+    attention function is caught at the next layer of the same forward."""
     cache = RPCCache(model, RPC)
     key = _cache_kwarg(model)
     with compress(model, RPC), torch.no_grad():
         model(input_ids=prompts(1)[0], use_cache=True, **{key: cache})
-        model(input_ids=torch.tensor([[5]]), use_cache=True, **{key: cache})
-        with pytest.raises(NotImplementedError, match="one token per step"):
-            model(input_ids=torch.tensor([[5, 6]]), use_cache=True, **{key: cache})
+        for _ in range(RPC.interval + RPC.window):
+            model(input_ids=torch.tensor([[5]]), use_cache=True, **{key: cache})
+    assert cache.get_physical_length() < cache.get_seq_length()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="layer 0: a step ran without the RPC attention.*runs .sdpa."):
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{key: cache})
+
+
+def test_stale_note_from_an_aborted_forward_is_ignored(model):
+    """A note left by a forward that failed between a layer's update and its attention must not be
+    picked up by another cache's attention in the same thread."""
+    from rpc_py.hf import cache as cache_module
+
+    stale = RPCCache(model, RPC)
+    key = _cache_kwarg(model)
+    with compress(model, RPC), torch.no_grad():
+        model(input_ids=prompts(1)[0], use_cache=True, **{key: stale})
+        for _ in range(RPC.interval + RPC.window):
+            model(input_ids=torch.tensor([[5]]), use_cache=True, **{key: stale})
+    ids = prompts(2, [5, 7], seed=3)[0]
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    want_rpc = generate(model, ids, rpc=RPC, max_new_tokens=30, do_sample=False)
+    cache_module._PENDING.layer = stale.layers[0]  # as if its forward had failed before attention
+    model.set_attn_implementation("rpc_sdpa")
+    try:
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)  # a DynamicCache through the wrapper
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert torch.equal(got, want)
+    cache_module._PENDING.layer = stale.layers[0]
+    assert torch.equal(generate(model, ids, rpc=RPC, max_new_tokens=30, do_sample=False), want_rpc)
+    stale.release()
+
+
+def test_logical_positions_and_layout_arguments(model):
+    with pytest.raises(ValueError, match="max_capacity"):
+        RPCCache(model, RPC, max_capacity=0)
+    with pytest.raises(TypeError, match="keep_layouts"):
+        RPCCache(model, RPC, keep_layouts=1)
+    cache = RPCCache(model, RPC)
+    with pytest.raises(ValueError, match="holds no tokens"):
+        cache.logical_positions(0)
+    key = _cache_kwarg(model)
+    with compress(model, RPC), torch.no_grad():
+        model(input_ids=prompts(1)[0], use_cache=True, **{key: cache})
+    assert torch.equal(cache.logical_positions(1), torch.arange(7).expand(1, 2, 7))
+    with pytest.raises(ValueError, match="seen"):
+        cache.logical_positions(0, seen=8)
+    with pytest.raises(IndexError):
+        cache.logical_positions(5)
+    cache.release()
+    with pytest.raises(ValueError, match="closed"):
+        cache.logical_positions(0)
+
+
+def test_physical_mask_rejects_a_mask_it_cannot_map():
+    from rpc_py.hf.layout import physical_mask
+
+    positions = torch.tensor([[[0, 1, 4, 5]]])
+    with pytest.raises(ValueError, match="4-D attention mask"):
+        physical_mask(torch.ones(1, 1, 1, 4, dtype=torch.bool), positions, q=1, seen=6, q_heads=4)
+    with pytest.raises(ValueError, match="4-D attention mask"):
+        physical_mask(torch.ones(1, 6, dtype=torch.bool), positions, q=1, seen=6, q_heads=4)
+    mask = torch.tensor([[[[True, False, True, True, True, True]]]])
+    assert torch.equal(physical_mask(mask, positions, q=1, seen=6, q_heads=4),
+                       torch.tensor([[[[True, False, True, True]]]]))
 
 
 def test_released_cache_refuses_updates(model):

@@ -4,9 +4,12 @@ transformers hands the post-RoPE query only to the attention function, never to 
 registers two wrappers in ``transformers.AttentionInterface``: ``rpc_sdpa`` around the built-in
 SDPA function and ``rpc_eager`` around the model's own eager function (each modeling file defines
 its ``eager_attention_forward``; it is looked up from the attention module's class). The wrapper
-runs the original function unchanged, then lets the cache layer that was updated just before
-(``cache.take_pending``) record the query and compress. Without a pending RPCCache layer (a plain
-cache, a vision tower, no cache at all) the wrappers are exactly the original functions.
+picks up the cache layer that was updated just before in the same thread (``cache.take_pending``),
+hands the original function that layer's mask over its physical slots (transformers builds it over
+logical positions; a layer that was never compressed returns it unchanged), runs it, then lets the
+layer record the query and compress. Without a pending RPCCache layer (a plain cache, a vision
+tower, no cache at all, another thread's generation) the wrappers are exactly the original
+functions, which is what lets plain and compressed generations share a model.
 
 The same names are registered in ``AttentionMaskInterface`` with the stock SDPA and eager mask
 builders: transformers skips mask creation entirely for names it does not know.
@@ -44,22 +47,26 @@ def _eager_function(module):
     return fn
 
 
-def _after(module, query) -> None:
-    layer = take_pending(getattr(module, "layer_idx", None))
-    if layer is not None:
-        layer.after_attention(query)
+def _run(fn, module, query, key, value, attention_mask, kwargs):
+    layer = take_pending(getattr(module, "layer_idx", None), key)
+    if layer is None:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    try:
+        attention_mask = layer.attention_mask(attention_mask, query)
+        out = fn(module, query, key, value, attention_mask, **kwargs)
+    except BaseException:
+        layer.awaiting_attention = False  # the step failed; do not report a missing hook next time
+        raise
+    layer.after_attention(query)
+    return out
 
 
 def rpc_sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    _after(module, query)
-    return out
+    return _run(sdpa_attention_forward, module, query, key, value, attention_mask, kwargs)
 
 
 def rpc_eager_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    out = _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
-    _after(module, query)
-    return out
+    return _run(_eager_function(module), module, query, key, value, attention_mask, kwargs)
 
 
 _registered = False

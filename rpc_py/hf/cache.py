@@ -8,16 +8,24 @@ How the pieces meet:
   (``KVCache.generation`` tells when) and sliced per step.
 * The cache cannot see the queries, so the compression is driven from the attention function
   registered in ``rpc_py.hf.attention``: ``update`` leaves a per-thread "pending" note naming the
-  layer; the attention function that runs right after it in the same module picks the note up,
-  records the decode query into the C query ring and, when the schedule says so, compresses the
-  layer after attention has used the uncompressed K/V. A layer that never sees its attention hook
-  (the model was not switched to the rpc attention) is detected at its next decode step.
-* Masks stay HF's own: ``get_mask_sizes`` reports the physical length with offset 0. The prompt is
-  never compressed, so its columns (left padding included) sit at the same physical slots as in
-  the 2-D attention mask; every later physical slot holds a generated token whose mask entry is 1,
-  whichever logical position it came from. ``get_seq_length`` reports tokens seen, so positions
-  (RoPE) and the causal offset stay logical. The one thing this cannot express is a multi-token
-  query after a compression (its causal part would be wrong), which is refused.
+  layer (and the keys it returned); the attention function that runs right after it in the same
+  module picks the note up, records the decode query into the C query ring and, when the schedule
+  says so, compresses the layer after attention has used the uncompressed K/V. The note is per
+  thread and per cache, so generations in other threads, with other caches, are untouched. A step
+  that needs the hook is refused when the model (the cache was built from) runs another attention
+  function; a note left untaken is caught at the next update of the same cache.
+* Masks are built by transformers over *logical* positions: ``get_seq_length`` and
+  ``get_mask_sizes`` report tokens seen, so RoPE positions, the causal order and every padding
+  column are those of the uncompressed sequence. Each layer keeps the logical position of each
+  physical slot (``rpc_py.hf.layout.SlotPositions``, per KV head with ``aggregation="group"``);
+  once a layer has been compressed, the attention function gathers the mask's columns onto the
+  physical slots. Before any compression the two layouts are the same and nothing is gathered.
+* A multi-token append after decoding (continuing from a returned cache: a follow-up turn, or a
+  finished trace plus more text) starts a new turn: every token held and the appended ones become
+  the uncompressed prefix, and compression restarts on the tokens decoded after it.
+* Storage grows geometrically (x2, at least 256 tokens) but never beyond ``max_capacity``, the
+  schedule's peak that ``rpc_py.generate`` derives from ``max_new_tokens``; nothing is reserved for
+  tokens that are never generated (early EOS).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import RPCConfig
 from ..policies import RPC, ScoreContext
+from .layout import SlotPositions, physical_mask
 
 __all__ = ["RPCCache", "RPCCacheLayer", "CompressionEvent", "RPCStats"]
 
@@ -48,19 +57,44 @@ def _kvcache_class():
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_MIN_GROWTH = 256  # tokens; the first block of a growing layer (same minimum as the C cache's own growth)
 
 # The note left by RPCCacheLayer.update for the attention function of the same layer.
 _PENDING = threading.local()
 
 
-def take_pending(layer_idx) -> "RPCCacheLayer | None":
+def take_pending(layer_idx, key: torch.Tensor | None = None) -> "RPCCacheLayer | None":
     """Return (and clear) the layer whose update ran just before this attention call, if it is
-    ``layer_idx``. Used by the rpc attention functions."""
+    ``layer_idx`` and returned ``key``. Used by the rpc attention functions. A note that does not
+    match ``key`` is stale (left by a forward that failed before its attention ran) and is dropped:
+    the attention at hand belongs to some other cache."""
     layer = getattr(_PENDING, "layer", None)
     if layer is None or layer.layer_idx != layer_idx:
         return None
     _PENDING.layer = None
+    if key is not None and (key.data_ptr(), key.shape[-2]) != layer._note_key:
+        return None
     return layer
+
+
+_NO_HOOK = (
+    "RPCCache layer {layer}: a step ran without the RPC attention function, so its query was not recorded, "
+    "no compression could run and a compressed layer's mask was not mapped to its slots. Run the model through "
+    "rpc_py.generate / rpc_py.compress, or set attn_implementation to 'rpc_sdpa' or 'rpc_eager'."
+)
+
+
+_HOOKED_IMPLEMENTATIONS = ("rpc_sdpa", "rpc_eager")
+
+
+def _check_note_taken(cache: "RPCCache") -> None:
+    """A note of this cache still pending when another of its layers updates: that layer's attention
+    ran without the rpc attention function. A note of another cache is stale: dropped."""
+    layer = getattr(_PENDING, "layer", None)
+    if layer is not None:
+        _PENDING.layer = None
+        if layer.cache is cache:
+            raise RuntimeError(_NO_HOOK.format(layer=layer.layer_idx))
 
 
 def clear_pending(cache: "RPCCache | None" = None) -> None:
@@ -116,6 +150,8 @@ class RPCStats:
 
     ``tokens_seen``: tokens that entered each layer (prompt with its padding, plus decoded
     tokens). ``tokens_kept``: physical length of each layer now. ``compressions``: per layer.
+    ``prompt_length``: the uncompressed prefix (the prompt; after a continuation, every token up to
+    the end of the last multi-token append). ``generated``: decode steps, all turns together.
     ``kv_bytes``/``peak_kv_bytes``: bytes allocated by the C cache (K, V and query rings) now and
     at most. ``live_kv_bytes``: bytes of the K/V tokens actually held. ``compress_seconds``: time
     spent compressing (device time via CUDA events on GPU, host time on CPU).
@@ -219,6 +255,9 @@ class RPCCacheLayer(CacheLayerMixin):
         self.kept = 0  # selected generated tokens kept by the last compression
         self.compress_due = False
         self.awaiting_attention = False
+        self.compressions_before = 0  # compressions in earlier turns (see update: continuation)
+        self._note_key = None  # (data_ptr, length) of the keys returned with the pending note
+        self.layout = SlotPositions(keep_history=self.cache.keep_layouts)
         self._k_store = self._v_store = None
         self._generation = None
 
@@ -245,28 +284,35 @@ class RPCCacheLayer(CacheLayerMixin):
         if cache.closed:
             raise ValueError("RPCCache is closed (released after generate); create a new RPCCache")
         if self.awaiting_attention:
-            raise RuntimeError(
-                f"RPCCache layer {self.layer_idx}: the previous decode step ran without the RPC attention "
-                "function, so no query was recorded and no compression could run. Run the model through "
-                "rpc_py.generate / rpc_py.compress, or set attn_implementation to 'rpc_sdpa' or 'rpc_eager'."
-            )
+            raise RuntimeError(_NO_HOOK.format(layer=self.layer_idx))
+        _check_note_taken(cache)
         q = key_states.shape[-2]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if q == 0:
+            return self._views()
 
-        # The prompt (possibly in chunks) is every update before the first single-token step.
-        is_prompt = self.seen == 0 or (not self.decoding and q > 1)
-        if not is_prompt and q != 1:
-            raise NotImplementedError(
-                f"RPCCache decodes one token per step; layer {self.layer_idx} got {q} new tokens after decoding "
-                "started (assisted/speculative decoding and continuing from a used cache are not supported)"
-            )
+        # The prompt (possibly in chunks) is every update before the first single-token step. A
+        # multi-token append after decoding (continuing from a returned cache) starts a new turn:
+        # what the layer holds and the appended tokens become the uncompressed prefix.
+        is_prefix = self.seen == 0 or q > 1
+        # The rpc attention function must see this step if it decodes (query ring, compression) or
+        # if the layer was compressed (its mask is mapped onto the slots); refuse before appending.
+        hook_needed = not self.layout.identity or (not is_prefix and rpc.enabled)
+        if hook_needed:
+            impl = cache._attn_implementation()
+            if impl is not None and impl not in _HOOKED_IMPLEMENTATIONS:
+                raise RuntimeError(_NO_HOOK.format(layer=self.layer_idx) + f" (the model runs {impl!r})")
+        if is_prefix and self.decoding:
+            self._new_turn()
 
         stream = _stream_of(key_states)
+        if cache.max_capacity is not None:
+            self._grow(self.length + q, key_states.device, stream)
         self.length = cache.kvcache.append(self.layer_idx, key_states, value_states, stream=stream)
         self.seen += q
-        if is_prompt:
-            self.prompt_length += q  # never compressed
+        if is_prefix:
+            self.prompt_length = self.length  # never compressed
         else:
             self.decoding = True
             self.generated += 1
@@ -277,14 +323,47 @@ class RPCCacheLayer(CacheLayerMixin):
             if m > limit:  # cannot happen unless the state was corrupted; never compress silently late
                 raise RuntimeError(f"RPCCache layer {self.layer_idx}: missed a compression (m={m} > P+R={limit})")
             self.compress_due = m == limit
+        views = self._views()
+        if hook_needed:
             self.awaiting_attention = True
+            self._note_key = (views[0].data_ptr(), views[0].shape[-2])
             _PENDING.layer = self
-        return self._views()
+        return views
+
+    def _new_turn(self) -> None:
+        self.compressions_before += self.compressions
+        self.compressions = 0
+        self.kept = 0
+        self.decoding = False
+        self.compress_due = False
+
+    def _grow(self, needed: int, device: torch.device, stream) -> None:
+        """Grow the layer's storage geometrically, but not beyond ``cache.max_capacity`` (the schedule's
+        peak) unless a step needs more."""
+        kv = self.cache.kvcache
+        capacity = kv.capacity(self.layer_idx)
+        if needed <= capacity:
+            return
+        grown = max(2 * capacity, self.cache.capacity, _MIN_GROWTH)
+        limit = self.cache.max_capacity
+        if limit >= needed:
+            grown = min(grown, limit)
+        kv.allocate(self.layer_idx, device.type, device.index or 0, max(grown, needed), stream=stream)
+
+    def attention_mask(self, mask, query: torch.Tensor):
+        """The mask for this step's attention over the layer's physical slots: ``mask`` (transformers'
+        mask over logical positions) with its columns gathered through the slot positions."""
+        if self.layout.identity or (mask is None and query.shape[-2] == 1):
+            return mask
+        positions = self.layout.positions(self.seen, self.length, query.device, query.shape[0], current=True)
+        return physical_mask(mask, positions, query.shape[-2], self.seen, query.shape[1])
 
     def after_attention(self, query: torch.Tensor) -> None:
         """Called by the rpc attention function after attention ran on this step's K/V."""
         self.awaiting_attention = False
         rpc = self.cache.rpc
+        if not (self.decoding and rpc.enabled):
+            return
         kv = self.cache.kvcache
         stream = _stream_of(query)
         m = self.length - self.prompt_length - self.kept
@@ -324,7 +403,7 @@ class RPCCacheLayer(CacheLayerMixin):
             queries = torch.from_dlpack(kv.queries(i)).clone() if rpc.policy.uses_queries else None
         timer = cache._timer_start(self.device)
         if isinstance(rpc.policy, RPC):
-            result = kv.compress(
+            new_length, scores, indices = kv.compress(
                 i,
                 start,
                 keep,
@@ -332,12 +411,9 @@ class RPCCacheLayer(CacheLayerMixin):
                 pooling=rpc.pooling,
                 kernel_size=rpc.kernel_size,
                 stream=stream,
-                return_details=hook is not None,
+                return_details=True,  # the kept indices update the slot positions
             )
-            new_length = result[0] if hook is not None else result
-            scores = indices = None
-            if hook is not None:
-                scores, indices = _to_torch(result[1]), _to_torch(result[2])
+            scores, indices = _to_torch(scores), _to_torch(indices)
         else:
             new_length, scores, indices = self._compress_policy(rpc.policy, start, keep, stream)
         cache._timer_stop(timer)
@@ -347,6 +423,7 @@ class RPCCacheLayer(CacheLayerMixin):
                 f"RPCCache layer {i}: KVCache.compress returned length {new_length}, expected {expected}"
             )
         self.length = new_length
+        self.layout.compacted(self.seen, length_before, start, indices, rpc.window, cache.batch_size_)
         self.compressions += 1
         self.kept = keep
         self.compress_due = False
@@ -398,9 +475,14 @@ class RPCCacheLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        # Logical: the mask covers every token seen; the attention function gathers it onto the
+        # physical slots once the layer has been compressed (see the module docstring).
+        return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
         return -1
 
     def reset(self) -> None:
@@ -440,12 +522,24 @@ class RPCCache(Cache):
             ``num_attention_heads`` are read from it.
         rpc: an ``RPCConfig``; ``None`` keeps every token (same code path, no compression).
         capacity: tokens to preallocate per layer (``0``: grow on demand). Growth stays allowed.
+        max_capacity: ``None`` or the most tokens a layer should ever need (the schedule's peak,
+            ``RPCConfig.peak_length``; ``rpc_py.generate`` passes it from ``max_new_tokens``):
+            storage then grows geometrically from 256 tokens (or ``capacity``) up to this bound
+            instead of doubling past it; a step that needs more still grows.
         padding: per-sequence left-padding counts of the prompt (informational for the C cache;
             the prompt is never scored). A shorter list is repeated to the batch size
             (``num_return_sequences``).
+        keep_layouts: keep the slot layout of every compression, so that
+            ``logical_positions(layer, seen=...)`` answers for any past step (mapping
+            ``output_attentions``); by default only the layout since the last compression is kept.
 
     The model must run with the rpc attention function (``rpc_py.generate`` / ``rpc_py.compress``
-    do this), which records the selector queries and triggers compression.
+    do this), which records the selector queries, triggers compression and maps the attention mask
+    of a compressed layer onto its slots.
+
+    Continuing from a cache (``generate(full_ids, past_key_values=cache)`` with the previous
+    output plus new tokens) appends the new tokens in one step; that starts a new turn (see
+    ``rpc_py.hf.cache``). ``logical_positions`` tells which token each physical slot holds.
     """
 
     def __init__(
@@ -454,9 +548,12 @@ class RPCCache(Cache):
         rpc: RPCConfig | None = RPCConfig(),
         *,
         capacity: int = 0,
+        max_capacity: int | None = None,
         padding: Sequence[int] | torch.Tensor | None = None,
+        keep_layouts: bool = False,
     ):
-        config = getattr(config, "config", config)  # accept a model
+        model_config = getattr(config, "config", None)
+        config = config if model_config is None else model_config  # accept a model
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"RPCCache: config: expected a transformers model or config, got {type(config).__name__}")
         text = config.get_text_config(decoder=True)
@@ -466,10 +563,21 @@ class RPCCache(Cache):
             raise TypeError(f"RPCCache: rpc: expected an RPCConfig or None, got {type(rpc).__name__}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"RPCCache: capacity: expected an int >= 0, got {capacity!r}")
+        if max_capacity is not None and (
+            isinstance(max_capacity, bool) or not isinstance(max_capacity, int) or max_capacity < 1
+        ):
+            raise ValueError(f"RPCCache: max_capacity: expected None or an int >= 1, got {max_capacity!r}")
+        if not isinstance(keep_layouts, bool):
+            raise TypeError(f"RPCCache: keep_layouts: expected a bool, got {type(keep_layouts).__name__}")
         self.rpc = rpc
         self.num_layers = int(text.num_hidden_layers)
         self.num_q_heads = int(text.num_attention_heads)
+        # Built from a model: its decoder config tells which attention function runs (checked where a
+        # step needs the rpc one, for a clear error instead of a shape mismatch inside attention).
+        self._model_text_config = text if model_config is not None else None
         self.capacity = capacity
+        self.max_capacity = max_capacity
+        self.keep_layouts = keep_layouts
         self.padding = None if padding is None else [int(p) for p in torch.as_tensor(padding).reshape(-1).tolist()]
         self.kvcache = None
         self.closed = False
@@ -481,6 +589,9 @@ class RPCCache(Cache):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"length={self.get_physical_length()}, seen={self.get_seq_length()}"
         return f"RPCCache({self.num_layers} layers, {state}, rpc={self.rpc!r})"
+
+    def _attn_implementation(self) -> str | None:
+        return getattr(self._model_text_config, "_attn_implementation", None)
 
     # ------------------------------------------------------------------ C cache management
     def _ensure_kvcache(self, key_states: torch.Tensor) -> None:
@@ -564,7 +675,39 @@ class RPCCache(Cache):
         return self.layers[layer_idx].length
 
     def compressions(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].compressions
+        """Compressions of a layer so far (all turns)."""
+        layer = self.layers[layer_idx]
+        return layer.compressions_before + layer.compressions
+
+    def logical_positions(self, layer_idx: int = 0, *, seen: int | None = None) -> torch.Tensor:
+        """Which token each physical slot of a layer holds: int64 ``[batch, kv_heads, length]``.
+
+        A token's logical position is its index among the tokens the layer has seen: its column in
+        the 2-D attention mask of ``generate`` (prompt padding included) and in the attention of an
+        uncompressed cache. Rows are identical across heads unless ``aggregation="group"``; query
+        head ``h`` reads row ``h // (q_heads // kv_heads)``. So column ``j`` of
+        ``output_attentions`` for layer ``i`` at some step is the token
+        ``logical_positions(i, seen=...)[b, h // group, j]``.
+
+        ``seen=None``: the layout now. ``seen=s``: the layout that the step bringing the layer to
+        ``s`` tokens attended over (for ``generate``'s ``attentions[t]``: ``s = prompt width + t``);
+        steps before the last compression need ``keep_layouts=True`` (``rpc_py.generate`` sets it
+        when ``output_attentions=True``).
+        """
+        if self.closed:
+            raise ValueError("RPCCache is closed (released after generate); create a new RPCCache")
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            raise ValueError(f"RPCCache.logical_positions: layer {layer_idx} holds no tokens yet")
+        if seen is not None and (isinstance(seen, bool) or not isinstance(seen, int) or not 0 <= seen <= layer.seen):
+            raise ValueError(f"RPCCache.logical_positions: seen: expected an int in [0, {layer.seen}], got {seen!r}")
+        current = seen is None
+        positions = layer.layout.positions(
+            layer.seen if current else seen, layer.length if current else None, layer.device, self.batch_size_,
+            current=current,
+        )
+        batch, kv_heads = self.batch_size_, layer._k_store.shape[1]
+        return positions.expand(batch, kv_heads, positions.shape[-1])
 
     def stats(self) -> RPCStats:
         """A snapshot of the counters (still available after ``release``)."""
@@ -584,7 +727,7 @@ class RPCCache(Cache):
             generated=self.layers[0].generated,
             tokens_seen=[layer.seen for layer in self.layers],
             tokens_kept=[layer.length for layer in self.layers],
-            compressions=[layer.compressions for layer in self.layers],
+            compressions=[layer.compressions_before + layer.compressions for layer in self.layers],
             kv_bytes=_int_attr(kv, "nbytes"),
             peak_kv_bytes=_int_attr(kv, "peak_nbytes"),
             live_kv_bytes=live,

@@ -1,39 +1,77 @@
 """User entry points: ``rpc_py.generate`` and the ``rpc_py.compress`` context manager.
 
-Both do the same three things around ``model.generate``: check up front that the model is one RPC
-can serve, switch its attention implementation to the rpc wrapper of the one it uses (restored
-afterwards, also on errors), and hand ``generate`` a fresh ``RPCCache`` per call, sized from the
-prompt and the RPC schedule. transformers has no registry through which a library can supply the
-default cache of ``generate`` (``cache_implementation`` is a closed list), so inside
-``compress`` the model's ``generate`` is shadowed by an instance attribute that injects the cache;
-leaving the context deletes that attribute (or puts back one the user had).
+Both run ``model.generate`` with an ``RPCCache`` that the call owns: a fresh one per call, sized
+from the prompt and the RPC schedule, or the caller's own (continuing from a returned cache).
+Everything that makes a call compressed travels with that cache: its layers leave a per-thread note
+for the rpc attention function (``rpc_py.hf.cache``), which is the plain attention function for
+everything else. That is what lets several generations share one model in several threads, each
+exactly as it would run alone:
 
-After a call the cache is released (its C storage freed) unless ``generate`` returned it
-(``return_dict_in_generate=True`` puts it in the output), and its statistics stay readable:
-``handle.last_cache`` / ``rpc_py.last_cache()``.
+* the model's attention implementation is switched to the rpc wrapper of the one it uses while at
+  least one rpc_py call or ``compress`` block is active on it (a count per model, under a lock),
+  and restored when the last one ends; the wrapper changes nothing for plain calls;
+* ``rpc_py.generate`` never touches ``model.generate``;
+* inside ``compress``, ``model.generate`` is shadowed by an instance attribute that compresses
+  calls made by the threads that opened a ``compress`` block on this model (the innermost block of
+  that thread wins) and runs plain ``generate`` for every other thread. ``handle.generate``
+  compresses from any thread (e.g. a ``TextIteratorStreamer`` worker). Leaving the last block
+  deletes the attribute (or puts back one the user had).
+
+Options are checked on the effective ``GenerationConfig`` (``rpc_py.hf.options``), however they
+arrive. After a call the cache is released (its C storage freed) unless ``generate`` returned it
+(``return_dict_in_generate=True``); ``rpc_py.last_cache()`` / ``handle.last_cache`` refer to the
+latest call's cache without keeping a returned cache alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
+import weakref
 
 import torch
 
 from ..config import RPCConfig
 from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache, clear_pending
+from .options import bind_generate_arguments, generate_parameters, resolve_call
 
 __all__ = ["generate", "compress", "RPCHandle", "last_cache", "check_model_supported"]
 
-_LAST = threading.local()
+
+class _LatestCache:
+    """The latest cache of a series of calls. Held weakly while somebody else may own it (the call
+    that is running, or the output it was returned in), strongly once rpc_py released it (then only
+    its statistics remain, so keeping it costs nothing)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._get = lambda: None
+
+    def started(self, cache: RPCCache) -> None:
+        with self._lock:
+            self._get = weakref.ref(cache)
+
+    def released(self, cache: RPCCache) -> None:
+        with self._lock:
+            if self._get() is cache:
+                self._get = lambda: cache
+
+    def get(self) -> RPCCache | None:
+        return self._get()
+
+
+_LAST = _LatestCache()
 
 
 def last_cache() -> RPCCache | None:
-    """The RPCCache of the most recent ``rpc_py.generate`` (or ``compress``-d generate) call in
-    this thread, for its statistics (``.stats()``, ``.summary()``)."""
-    return getattr(_LAST, "cache", None)
+    """The RPCCache of the most recent ``rpc_py.generate`` (or ``compress``-d generate) call in any
+    thread (set when the call starts, so a streamer can watch it), for its statistics (``.stats()``,
+    ``.summary()``). A cache that ``generate`` returned is not kept alive by this: once the output
+    holding it is gone, this returns None."""
+    return _LAST.get()
 
 
 def check_model_supported(model) -> None:
@@ -51,19 +89,25 @@ def check_model_supported(model) -> None:
         raise NotImplementedError(
             f"rpc_py: {name} does not use a standard KV cache (recurrent / state-space / custom cache)"
         )
+    # A sliding window at least as long as the longest position the model takes (Phi-3.5 style
+    # configs) never hides a token: that attention is full.
+    window = getattr(text, "sliding_window", None)
+    max_positions = getattr(text, "max_position_embeddings", None)
+    window_is_full = isinstance(window, int) and isinstance(max_positions, int) and window >= max_positions
     layer_types = getattr(text, "layer_types", None)
     if layer_types:
-        other = sorted({t for t in layer_types if t != "full_attention"})
+        other = sorted({t for t in layer_types
+                        if t != "full_attention" and not (t == "sliding_attention" and window_is_full)})
         if other:
             raise NotImplementedError(
                 f"rpc_py: {name} has layers of type {other}; RPC supports full-attention layers only "
                 "(sliding-window, chunked, linear-attention and hybrid layers are not supported)"
             )
     else:
-        if getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
+        if window is not None and getattr(text, "use_sliding_window", True) and not window_is_full:
             raise NotImplementedError(
-                f"rpc_py: {name} uses sliding-window attention (config.sliding_window="
-                f"{text.sliding_window}); RPC supports full attention only (set sliding_window=None)"
+                f"rpc_py: {name} uses sliding-window attention (config.sliding_window={window} < "
+                f"max_position_embeddings={max_positions}); RPC supports full attention only (set sliding_window=None)"
             )
         if getattr(text, "attention_chunk_size", None) is not None:
             raise NotImplementedError(f"rpc_py: {name} uses chunked attention; RPC supports full attention only")
@@ -92,118 +136,197 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-_UNSUPPORTED_KWARGS = {
-    "assistant_model": "assisted decoding",
-    "prompt_lookup_num_tokens": "prompt-lookup decoding",
-    "penalty_alpha": "contrastive search",
-    "custom_generate": "custom generation loops",
-    "prefill_chunk_size": None,  # allowed: chunks are all prompt
-}
+_ROUTING_LOCK = threading.RLock()
+_ROUTING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Routing:
+    """What rpc_py has changed on one model: the attention switch (counted over active calls and
+    blocks) and the ``generate`` shadow (installed while a ``compress`` block is open)."""
+
+    def __init__(self):
+        self.users = 0
+        self.previous_impl = None
+        self.blocks: dict[int, list] = {}  # thread id -> handles of the compress blocks it opened
+        self.open_blocks = 0
+        self.saved_generate = None  # (had an instance attribute, its value)
+
+    def handle_for_this_thread(self):
+        stack = self.blocks.get(threading.get_ident())
+        return stack[-1] if stack else None
+
+
+def _routing(model) -> _Routing:
+    routing = _ROUTING.get(model)
+    if routing is None:
+        routing = _ROUTING[model] = _Routing()
+    return routing
+
+
+@contextlib.contextmanager
+def _rpc_attention(model):
+    """Keep the model on the rpc attention wrapper for the duration of the block."""
+    with _ROUTING_LOCK:
+        routing = _routing(model)
+        if routing.users == 0:
+            register_attention()
+            previous = model.config._attn_implementation
+            wanted = rpc_implementation_for(previous)
+            if previous != wanted:
+                model.set_attn_implementation(wanted)
+                if model.config._attn_implementation != wanted:
+                    if model.config._attn_implementation != previous:
+                        model.set_attn_implementation(previous)
+                    raise NotImplementedError(
+                        f"rpc_py: {type(model).__name__} did not accept attn_implementation={wanted!r}"
+                    )
+            routing.previous_impl = previous
+        routing.users += 1
+    try:
+        yield routing
+    finally:
+        with _ROUTING_LOCK:
+            routing.users -= 1
+            if routing.users == 0:
+                if model.config._attn_implementation != routing.previous_impl:
+                    model.set_attn_implementation(routing.previous_impl)
+                if routing.open_blocks == 0:
+                    _ROUTING.pop(model, None)
+
+
+def _plain_generate(model):
+    """``model.generate`` as it was before any ``compress`` block shadowed it."""
+    current = model.__dict__.get("generate")
+    original = getattr(current, "_rpc_original", None)
+    return original if original is not None else model.generate
+
+
+def _shadow(routing: _Routing, original):
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        with _ROUTING_LOCK:
+            handle = routing.handle_for_this_thread()
+        if handle is None:
+            return original(*args, **kwargs)
+        return handle.generate(*args, **kwargs)
+
+    generate._rpc_original = original
+    return generate
+
+
+def _open_block(model, routing: _Routing, handle: "RPCHandle") -> None:
+    with _ROUTING_LOCK:
+        if routing.open_blocks == 0:
+            had = "generate" in model.__dict__
+            routing.saved_generate = (had, model.__dict__.get("generate"))
+            model.generate = _shadow(routing, model.generate)
+        routing.open_blocks += 1
+        handle._thread = threading.get_ident()
+        routing.blocks.setdefault(handle._thread, []).append(handle)
+
+
+def _close_block(model, routing: _Routing, handle: "RPCHandle") -> None:
+    with _ROUTING_LOCK:
+        stack = routing.blocks.get(handle._thread, [])
+        if handle in stack:
+            stack.remove(handle)
+        if not stack:
+            routing.blocks.pop(handle._thread, None)
+        routing.open_blocks -= 1
+        if routing.open_blocks == 0:
+            had, previous = routing.saved_generate
+            if had:
+                model.generate = previous
+            else:
+                model.__dict__.pop("generate", None)
+            routing.saved_generate = None
+
+
+def _returned(out, cache) -> bool:
+    """Whether generate's output holds the cache (read without touching deprecated attributes)."""
+    if out is cache:
+        return True
+    values = getattr(out, "values", None)
+    if not callable(values) or isinstance(out, torch.Tensor):
+        return False
+    return any(v is cache for v in values())
 
 
 class RPCHandle:
-    """Returned by ``rpc_py.compress``; ``generate`` on it (or on the model, inside the context)
-    runs with a fresh RPCCache. ``last_cache`` holds the cache of the latest call."""
+    """A model with an RPC configuration: ``handle.generate`` is ``model.generate`` with an RPC cache.
+
+    Returned by ``rpc_py.compress``; ``generate`` on it compresses from any thread while the block is
+    open. ``last_cache`` is the cache of its latest call (held as ``rpc_py.last_cache()`` holds it).
+    """
 
     def __init__(self, model, rpc: RPCConfig | None):
         if rpc is not None and not isinstance(rpc, RPCConfig):
             raise TypeError(f"rpc_py: rpc: expected an RPCConfig or None, got {type(rpc).__name__}")
         self.model = model
         self.rpc = rpc if rpc is not None else RPCConfig(enabled=False)
-        self.last_cache: RPCCache | None = None
-        self._original_generate = model.generate
+        self._last = _LatestCache()
         self._cache_kwarg = _cache_kwarg(model)
+        self._thread = None
         self.active = False
 
     def __repr__(self) -> str:
         return f"RPCHandle({type(self.model).__name__}, {self.rpc!r}, active={self.active})"
 
-    def _check_kwargs(self, kwargs: dict) -> None:
-        for key, what in _UNSUPPORTED_KWARGS.items():
-            if what is not None and kwargs.get(key) is not None:
-                raise NotImplementedError(f"rpc_py: {what} ({key}=...) is not supported with RPC")
-        gc = kwargs.get("generation_config") or self.model.generation_config
-        num_beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
-        if num_beams > 1:
-            raise NotImplementedError(
-                f"rpc_py: beam search (num_beams={num_beams}) is not supported with RPC; use num_beams=1"
-            )
-        if kwargs.get("use_cache", getattr(gc, "use_cache", True)) is False:
-            raise ValueError("rpc_py: use_cache=False leaves nothing to compress; drop it or use model.generate")
-        impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
-        if impl is not None:
-            raise ValueError(
-                f"rpc_py: cache_implementation={impl!r} conflicts with the RPC cache; pass cache_implementation=None"
-            )
-        for key in ("past_key_values", "cache"):
-            given = kwargs.get(key)
-            if given is not None and not isinstance(given, RPCCache):
-                raise ValueError(
-                    f"rpc_py: {key}={type(given).__name__}(...): RPC creates its own cache for each call; "
-                    "pass nothing, or an RPCCache"
-                )
+    @property
+    def last_cache(self) -> RPCCache | None:
+        return self._last.get()
 
-    def _max_new_tokens(self, kwargs: dict, prompt_length: int) -> int | None:
-        gc = kwargs.get("generation_config") or self.model.generation_config
-        max_new = kwargs.get("max_new_tokens", getattr(gc, "max_new_tokens", None))
-        if max_new is None:
-            max_length = kwargs.get("max_length", getattr(gc, "max_length", None))
-            if max_length is None:
-                return None
-            max_new = max_length - prompt_length
-        return max(int(max_new), 0)
-
-    def new_cache(self, prompt_length: int = 0, max_new_tokens: int | None = None, padding=None) -> RPCCache:
-        """A fresh RPCCache for this model and config, preallocated for the schedule's peak."""
-        capacity = 0
+    def new_cache(self, prompt_length: int = 0, max_new_tokens: int | None = None, padding=None, *,
+                  keep_layouts: bool = False) -> RPCCache:
+        """A fresh RPCCache for this model and config. Its storage grows as tokens arrive, up to the
+        schedule's peak for ``max_new_tokens`` (nothing is reserved up front)."""
+        max_capacity = None
         if max_new_tokens is not None:
-            capacity = self.rpc.peak_length(prompt_length, max_new_tokens)
-        return RPCCache(self.model, self.rpc, capacity=capacity, padding=padding)
+            max_capacity = max(self.rpc.peak_length(prompt_length, max_new_tokens), 1)
+        return RPCCache(self.model, self.rpc, max_capacity=max_capacity, padding=padding, keep_layouts=keep_layouts)
 
     def generate(self, *args, **kwargs):
-        """``model.generate`` with a fresh RPCCache; returns what ``model.generate`` returns."""
+        """``model.generate(*args, **kwargs)`` with an RPC cache; returns what ``model.generate`` returns.
+
+        Arguments are ``model.generate``'s, in the same positions. Passing an ``RPCCache`` as
+        ``past_key_values`` (transformers 5.2x: ``cache``) continues from it; it is left open.
+        """
         if not self.active:
             raise RuntimeError("rpc_py: this RPCHandle's compress() context has exited")
-        self._check_kwargs(kwargs)
-        # Explicit None checks: a Cache defines __len__, so truthiness is not "was it given".
-        user_cache = kwargs.pop("past_key_values", None)
-        if user_cache is None:
-            user_cache = kwargs.pop("cache", None)
-        if user_cache is not None:
-            # The caller's own RPCCache: used as given and left open (it owns it).
-            kwargs[self._cache_kwarg] = user_cache
-            self.last_cache = user_cache
-            _LAST.cache = user_cache
-            try:
-                return self._original_generate(*args, **kwargs)
-            finally:
-                clear_pending(user_cache)
-        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-        embeds = kwargs.get("inputs_embeds")
-        prompt_length = 0
-        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
-            prompt_length = inputs.shape[-1]
-        elif isinstance(embeds, torch.Tensor):
-            prompt_length = embeds.shape[1]
-        padding = None
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            padding = (mask.cumsum(-1) == 0).sum(-1).cpu()  # leading zeros = left padding
-        cache = self.new_cache(prompt_length, self._max_new_tokens(kwargs, prompt_length), padding)
+        model = self.model
+        call = resolve_call(model, args, kwargs)
+        kwargs = dict(kwargs)
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("cache", None)
+        cache = call.cache
+        owned = cache is None
+        if owned:
+            cache = self.new_cache(call.prompt_length, call.max_new_tokens, call.padding,
+                                   keep_layouts=bool(call.config.output_attentions))
+        elif cache.max_capacity is not None and call.max_new_tokens is not None and not cache.closed:
+            # continuing: the appended tokens join the prefix, then the schedule starts again
+            prefix = cache.get_physical_length() + max(call.prompt_length - cache.get_seq_length(), 0)
+            cache.max_capacity = max(cache.max_capacity, cache.rpc.peak_length(prefix, call.max_new_tokens))
         kwargs[self._cache_kwarg] = cache
-        self.last_cache = cache
-        _LAST.cache = cache
-        try:
-            out = self._original_generate(*args, **kwargs)
-        except BaseException:
-            cache.release()
-            raise
-        finally:
-            clear_pending(cache)
-        returned = getattr(out, "past_key_values", None) is cache or getattr(out, "cache", None) is cache
-        if not returned:
-            cache.release()
+        self._last.started(cache)
+        _LAST.started(cache)
+        with _rpc_attention(model):
+            try:
+                out = _plain_generate(model)(*args, **kwargs)
+            except BaseException:
+                if owned:
+                    self._release(cache)
+                raise
+            finally:
+                clear_pending(cache)
+        if owned and not _returned(out, cache):
+            self._release(cache)
         return out
+
+    def _release(self, cache: RPCCache) -> None:
+        cache.release()
+        self._last.released(cache)
+        _LAST.released(cache)
 
 
 @contextlib.contextmanager
@@ -214,62 +337,75 @@ def compress(model, rpc: RPCConfig | None = RPCConfig()):
             out = model.generate(**inputs, max_new_tokens=4096)
         print(handle.last_cache.summary())
 
-    The model's attention implementation and ``generate`` are restored on exit, also on errors.
-    ``rpc=None`` uses the same path without compression.
+    Inside the block, ``model.generate`` compresses when called from the thread that opened it (the
+    innermost block of that thread wins; blocks nest); other threads get plain ``generate``.
+    ``handle.generate`` compresses from any thread (``Thread(target=handle.generate, ...)`` for a
+    streamer). The model's attention implementation and ``generate`` are restored when the last
+    block or call on the model ends, also on errors. ``rpc=None`` uses the same path without
+    compression.
     """
     check_model_supported(model)
-    if getattr(model, "_rpc_handle", None) is not None:
-        raise RuntimeError("rpc_py: this model is already inside rpc_py.compress(); contexts do not nest")
     handle = RPCHandle(model, rpc)
-    register_attention()
-    previous_impl = model.config._attn_implementation
-    wanted = rpc_implementation_for(previous_impl)
-    had_generate = "generate" in model.__dict__
-    previous_generate = model.__dict__.get("generate")
-    model.set_attn_implementation(wanted)
-    try:
-        if model.config._attn_implementation != wanted:
-            raise NotImplementedError(
-                f"rpc_py: {type(model).__name__} did not accept attn_implementation={wanted!r}"
-            )
-        model._rpc_handle = handle
-        model.generate = handle.generate
+    with _rpc_attention(model) as routing:
+        _open_block(model, routing, handle)
         handle.active = True
-        yield handle
-    finally:
-        handle.active = False
-        if had_generate:
-            model.generate = previous_generate
-        elif "generate" in model.__dict__:
-            del model.generate
-        model.__dict__.pop("_rpc_handle", None)
-        if model.config._attn_implementation != previous_impl:
-            model.set_attn_implementation(previous_impl)
+        try:
+            yield handle
+        finally:
+            handle.active = False
+            _close_block(model, routing, handle)
 
 
-def generate(model, input_ids=None, attention_mask=None, rpc: RPCConfig | None = RPCConfig(), *,
-             cuda_graph: bool = False, **generate_kwargs):
+_GRAPH_OPTIONS = frozenset({"inputs", "input_ids", "attention_mask"})
+
+
+def generate(model, *args, rpc: RPCConfig | None = RPCConfig(), cuda_graph: bool = False, **kwargs):
     """Drop-in for ``model.generate`` with Reasoning Path Compression of the KV cache.
 
-    ``rpc=None`` runs the same cache path without compression (for ablations). Returns what
-    ``model.generate`` returns; the cache's statistics are in ``rpc_py.last_cache()``.
+    Takes ``model.generate``'s arguments in the same positions (``generate(model, input_ids,
+    generation_config, logits_processor, ...)``) plus ``rpc`` and ``cuda_graph`` by keyword; the mask
+    goes by keyword (``attention_mask=...``), as for ``model.generate``. ``rpc=None`` runs the same
+    cache path without compression (for ablations). Returns what ``model.generate`` returns; the
+    cache's statistics are in ``rpc_py.last_cache()``. Safe to call from several threads on one
+    model, alongside plain ``model.generate`` calls.
 
     ``cuda_graph=True`` decodes with one captured CUDA-graph step replayed per token
     (``rpc_py.hf.graph``) and returns the token ids; where capture is impossible (CPU, options the
     static loop does not reproduce) it warns with ``GraphFallbackWarning`` and runs this eager path.
     It is off by default until it has been validated on a GPU (see README, "CUDA-graph decoding").
+    The graph path switches the model's attention for itself: do not run other generations on the
+    same model while it runs.
     """
     if cuda_graph:
-        from .graph import graph_generate
+        return _graph_generate(model, args, kwargs, rpc)
+    check_model_supported(model)
+    handle = RPCHandle(model, rpc)
+    handle.active = True
+    try:
+        return handle.generate(*args, **kwargs)
+    finally:
+        handle.active = False
 
-        if input_ids is None:
-            raise ValueError("rpc_py.generate: cuda_graph=True needs input_ids")
-        if "max_new_tokens" not in generate_kwargs:
-            raise ValueError("rpc_py.generate: cuda_graph=True needs max_new_tokens (the static cache is sized from it)")
-        return graph_generate(model, input_ids, attention_mask, rpc=rpc, cuda_graph=True, **generate_kwargs)
-    with compress(model, rpc) as handle:
-        if input_ids is not None:
-            generate_kwargs["input_ids"] = input_ids
-        if attention_mask is not None:
-            generate_kwargs["attention_mask"] = attention_mask
-        return handle.generate(**generate_kwargs)
+
+def _graph_generate(model, args, kwargs, rpc):
+    import warnings
+
+    from .graph import GraphFallbackWarning, graph_generate
+
+    named = bind_generate_arguments(model, args, kwargs)
+    _, params = generate_parameters(model)
+    unsupported = sorted(k for k in params if k not in _GRAPH_OPTIONS and named.get(k) is not None)
+    if unsupported:
+        warnings.warn(f"rpc_py: CUDA-graph decoding unavailable ({', '.join(unsupported)} given); running the "
+                      "eager path", GraphFallbackWarning, stacklevel=3)
+        return generate(model, *args, rpc=rpc, **kwargs)
+    input_ids = named.pop("inputs", None)
+    if input_ids is None:
+        input_ids = named.pop("input_ids", None)
+    attention_mask = named.pop("attention_mask", None)
+    options = {k: v for k, v in named.items() if k not in params}
+    if input_ids is None:
+        raise ValueError("rpc_py.generate: cuda_graph=True needs input_ids")
+    if "max_new_tokens" not in options:
+        raise ValueError("rpc_py.generate: cuda_graph=True needs max_new_tokens (the static cache is sized from it)")
+    return graph_generate(model, input_ids, attention_mask, rpc=rpc, cuda_graph=True, **options)

@@ -93,6 +93,9 @@ class _StaticLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.owner.capacity
 
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
+        return self.owner.capacity
+
     def reset(self):
         raise NotImplementedError("the static decode cache cannot be reset")
 
