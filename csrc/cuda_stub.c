@@ -161,3 +161,38 @@ int rpc_cuda_stream_wait_event(int device, void *stream, void *event, char *err)
     (void)event;
     return not_built("stream_wait_event", err);
 }
+
+int rpc_cuda_attn_scores(int device, const rpc_attn_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("attn_scores", err);
+}
+
+int rpc_cuda_redundancy(int device, const rpc_redundancy_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("redundancy", err);
+}
+
+int rpc_cuda_fill_scores(int device, const rpc_fill_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("fill_scores", err);
+}
+
+int rpc_cuda_accumulate(int device, const rpc_accumulate_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("accumulate", err);
+}
+
+int rpc_cuda_compact_acc(int device, const rpc_acc_compact_params *p, void *stream, char *err) {
+    (void)device;
+    (void)p;
+    (void)stream;
+    return not_built("compact accumulator", err);
+}

@@ -36,6 +36,8 @@ typedef struct {
     int64_t q_pos;               /* next ring slot to write */
     PyObject *lenbuf;            /* owned Storage: int64[2] {length, seen} on the layer's device */
     int64_t host_len[2];         /* source of the device update; pageable, so the driver stages it */
+    PyObject *accstorage;        /* owned Storage: float32 H2O accumulator [B, H, cap] (accumulators=True),
+                                    allocated, grown and compacted with K/V; zero past `length`; else NULL */
 } rpc_layer;
 
 /* Compression scratch of one device (slot 0: host, slot d + 1: cuda:d), shared by every layer placed
@@ -67,7 +69,13 @@ typedef struct {
     int64_t nbytes, peak_nbytes; /* bytes in blocks this cache allocated and still references */
     rpc_scratch *scratch;        /* owned array of n_scratch per-device compression scratch slots */
     int n_scratch;
+    int accumulators;            /* each layer keeps an H2O accumulator (constructor accumulators=True) */
 } KVCacheObject;
+
+/* Accumulator helpers (section "policy support" below). */
+static int acc_grow(KVCacheObject *self, rpc_layer *ly, int64_t newcap, intptr_t stream, PyObject **out);
+static int acc_params(KVCacheObject *self, rpc_layer *ly, const rpc_compact_params *cp, rpc_acc_compact_params *ap);
+static int acc_zero(KVCacheObject *self, rpc_layer *ly, intptr_t stream);
 
 /* ------------------------------------------------------------------ small helpers */
 
@@ -356,8 +364,18 @@ static int ensure_capacity(KVCacheObject *self, int64_t layer, int64_t needed, i
             return -1;
         }
     }
+    PyObject *acc = NULL; /* grown (and copied) before the swap, so a failure leaves the layer as it was */
+    if (self->accumulators && acc_grow(self, ly, newcap, stream, &acc) < 0) {
+        account(self, -(int64_t)nbytes);
+        Py_DECREF(storage);
+        return -1;
+    }
     drop_storage(self, &ly->storage);
     ly->storage = storage;
+    if (acc != NULL) {
+        drop_storage(self, &ly->accstorage);
+        ly->accstorage = acc;
+    }
     ly->cap = newcap;
     ly->generation += 1;
     if (ly->lenbuf == NULL) {
@@ -378,16 +396,16 @@ static int ensure_capacity(KVCacheObject *self, int64_t layer, int64_t needed, i
 static int kvcache_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     KVCacheObject *self = (KVCacheObject *)op;
     static char *kwlist[] = {"num_layers", "batch", "kv_heads", "head_dim", "dtype", "capacity",
-                             "fixed_capacity", "window", "q_heads", NULL};
+                             "fixed_capacity", "window", "q_heads", "accumulators", NULL};
     long long num_layers, batch, kv_heads, head_dim, capacity = 0, window = 0, q_heads = 0;
     const char *dtype = "float32";
-    int fixed = 0;
+    int fixed = 0, accumulators = 0;
     if (self->layers != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "KVCache.__init__ cannot be called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLL|s$LpLL:KVCache", kwlist, &num_layers, &batch, &kv_heads,
-                                     &head_dim, &dtype, &capacity, &fixed, &window, &q_heads)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLL|s$LpLLp:KVCache", kwlist, &num_layers, &batch, &kv_heads,
+                                     &head_dim, &dtype, &capacity, &fixed, &window, &q_heads, &accumulators)) {
         return -1;
     }
     struct {
@@ -443,6 +461,7 @@ static int kvcache_init(PyObject *op, PyObject *args, PyObject *kwargs) {
     self->fixed = fixed;
     self->window = window;
     self->Hq = q_heads;
+    self->accumulators = accumulators;
     return 0;
 }
 
@@ -467,6 +486,7 @@ static void release_all(KVCacheObject *self) {
             Py_CLEAR(ly->storage);
             Py_CLEAR(ly->qstorage);
             Py_CLEAR(ly->lenbuf);
+            Py_CLEAR(ly->accstorage);
         }
     }
     release_scratch(self);
@@ -480,6 +500,7 @@ static int kvcache_traverse(PyObject *op, visitproc visit, void *arg) {
             Py_VISIT(self->layers[i].storage);
             Py_VISIT(self->layers[i].qstorage);
             Py_VISIT(self->layers[i].lenbuf);
+            Py_VISIT(self->layers[i].accstorage);
         }
     }
     for (int i = 0; i < self->n_scratch; i++) {
@@ -1249,6 +1270,8 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
     cp.start = start;
     cp.end = end;
     cp.keep = keep;
+    rpc_acc_compact_params ap; /* the H2O accumulator follows the same indices, before the event is recorded */
+    const int has_acc = acc_params(self, ly, &cp, &ap);
 
     Py_BEGIN_ALLOW_THREADS
     if (on_cuda) {
@@ -1264,6 +1287,9 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
         if (rc == RPC_OK) {
             rc = rpc_cuda_compact(dev, &cp, (void *)stream, err);
         }
+        if (rc == RPC_OK && has_acc) {
+            rc = rpc_cuda_compact_acc(dev, &ap, (void *)stream, err);
+        }
         if (rc == RPC_OK) {
             rc = rpc_cuda_event_record(dev, sc->event, (void *)stream, err);
         }
@@ -1278,6 +1304,9 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
         }
         if (rc == RPC_OK) {
             rc = rpc_cpu_compact(&cp, err);
+        }
+        if (rc == RPC_OK && has_acc) {
+            rc = rpc_cpu_compact_acc(&ap, err);
         }
     }
     Py_END_ALLOW_THREADS
@@ -1346,6 +1375,9 @@ static PyObject *kvcache_reset(PyObject *op, PyObject *args, PyObject *kwargs) {
         if (sync_lengths(self, ly, stream) < 0) {
             goto done;
         }
+        if (ly->accstorage != NULL && acc_zero(self, ly, stream) < 0) {
+            goto done;
+        }
     }
     result = Py_NewRef(Py_None);
 done:
@@ -1391,6 +1423,348 @@ static PyObject *kvcache_exit_ctx(PyObject *op, PyObject *args) {
     }
     Py_DECREF(r);
     Py_RETURN_FALSE;
+}
+
+/* ------------------------------------------------------------------ policy support
+ * For the selection policies other than RPC (policy_cpu.c / policy_cuda.cu do the arithmetic): H2O's
+ * per-layer accumulator, compaction with caller-chosen indices, and the ring position that lets Python
+ * map ring slots to query positions. The accumulator keeps one invariant: positions at or past
+ * `length` are zero (new blocks are zeroed, growth copies [0, length), every compaction zeroes what it
+ * vacates, reset zeroes all), so tokens written by any path, including device-side appends, start
+ * from 0 without this file having to know about them. */
+
+static int64_t acc_strides_of(KVCacheObject *self, int64_t cap, int64_t s[3]) {
+    s[0] = self->H * cap;
+    s[1] = cap;
+    s[2] = 1;
+    return s[0];
+}
+
+/* New zeroed accumulator block of `newcap` tokens holding a copy of [0, length) of the current one. */
+static int acc_grow(KVCacheObject *self, rpc_layer *ly, int64_t newcap, intptr_t stream, PyObject **out) {
+    *out = NULL;
+    /* B * H * newcap * D * element size already fits (ensure_capacity checked it), so this does too. */
+    const size_t nbytes = (size_t)(self->B * self->H * newcap) * sizeof(float);
+    PyObject *storage = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, nbytes, stream);
+    if (storage == NULL) {
+        return -1;
+    }
+    account(self, (int64_t)nbytes);
+    if (ly->accstorage != NULL && ly->length > 0) {
+        int64_t ds[4] = {self->H * newcap, newcap, 1, 1}, ss[4] = {self->H * ly->cap, ly->cap, 1, 1};
+        int64_t shape[4] = {self->B, self->H, ly->length, 1};
+        if (copy4d(ly->dev_type, ly->dev_id, rpc_storage_data(storage), ds, rpc_storage_data(ly->accstorage), ss,
+                   shape, sizeof(float), stream) < 0) {
+            account(self, -(int64_t)nbytes);
+            Py_DECREF(storage);
+            return -1;
+        }
+    }
+    *out = storage;
+    return 0;
+}
+
+/* Parameters of the accumulator compaction that follows the K/V compaction `cp` (same indices, in host or
+ * device memory as the layer); 0 when the layer has no accumulator. */
+static int acc_params(KVCacheObject *self, rpc_layer *ly, const rpc_compact_params *cp, rpc_acc_compact_params *ap) {
+    memset(ap, 0, sizeof *ap);
+    if (ly->accstorage == NULL) {
+        return 0;
+    }
+    ap->acc = (float *)rpc_storage_data(ly->accstorage);
+    ap->B = self->B;
+    ap->H = self->H;
+    ap->L = cp->L;
+    acc_strides_of(self, ly->cap, ap->acc_stride);
+    ap->indices = cp->indices;
+    ap->A = cp->A;
+    ap->idx_stride_b = cp->idx_stride_b;
+    ap->idx_stride_a = cp->idx_stride_a;
+    ap->start = cp->start;
+    ap->end = cp->end;
+    ap->keep = cp->keep;
+    return 1;
+}
+
+static int acc_zero(KVCacheObject *self, rpc_layer *ly, intptr_t stream) {
+    const size_t nbytes = rpc_storage_nbytes(ly->accstorage);
+    if (ly->dev_type == RPC_DEV_CPU) {
+        memset(rpc_storage_data(ly->accstorage), 0, nbytes);
+        return 0;
+    }
+    (void)self;
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = rpc_cuda_memset_async(ly->dev_id, rpc_storage_data(ly->accstorage), 0, nbytes, (void *)stream, err);
+    Py_END_ALLOW_THREADS
+    if (rc != RPC_OK) {
+        return rpc_raise_status_int(rc, err);
+    }
+    return 0;
+}
+
+static int require_accumulators(KVCacheObject *self) {
+    if (!self->accumulators) {
+        PyErr_SetString(PyExc_ValueError,
+                        "accumulators: this KVCache was built without accumulators (pass accumulators=True)");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *kvcache_accumulate(PyObject *op, PyObject *args, PyObject *kwargs) {
+    KVCacheObject *self = (KVCacheObject *)op;
+    static char *kwlist[] = {"layer", "q", "scale", "stream", NULL};
+    PyObject *layer_obj, *q_obj, *scale_obj = Py_None, *stream_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OO:accumulate", kwlist, &layer_obj, &q_obj, &scale_obj,
+                                     &stream_obj)) {
+        return NULL;
+    }
+    ENTER(self);
+    PyObject *result = NULL, *qkeep = NULL, *padstore = NULL;
+    int64_t layer;
+    intptr_t stream;
+    rpc_tensor q;
+    if (parse_layer(self, layer_obj, &layer) < 0 || rpc_parse_stream(stream_obj, &stream) < 0 ||
+        require_accumulators(self) < 0) {
+        goto done;
+    }
+    rpc_layer *ly = &self->layers[layer];
+    if (ly->storage == NULL || ly->accstorage == NULL) {
+        PyErr_Format(PyExc_ValueError, "layer: layer %lld holds no tokens (append first)", (long long)layer);
+        goto done;
+    }
+    if (rpc_from_dlpack(q_obj, "q", stream, &q, &qkeep) < 0 || check_4d(self, &q, "q", self->Hq > 0 ? self->Hq : -1) < 0 ||
+        check_device(ly, layer, &q, "q") < 0) {
+        goto done;
+    }
+    if (q.shape[2] != 1 || q.shape[1] < 1 || q.shape[1] % self->H != 0) {
+        char got[160];
+        format_shape(got, sizeof got, q.shape, 4);
+        PyErr_Format(PyExc_ValueError,
+                     "q: expected shape [%lld, q_heads, 1, %lld] (this step's query; q_heads a multiple of %lld), got %s",
+                     (long long)self->B, (long long)self->D, (long long)self->H, got);
+        goto done;
+    }
+    double scale = 1.0 / sqrt((double)self->D);
+    if (scale_obj != Py_None) {
+        scale = PyFloat_AsDouble(scale_obj);
+        if (scale == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+        if (!isfinite(scale) || fabs(scale) > 3.4e38) {
+            PyErr_Format(PyExc_ValueError, "scale: expected a finite float32 value, got %R", scale_obj);
+            goto done;
+        }
+    }
+    rpc_accumulate_params p;
+    memset(&p, 0, sizeof p);
+    p.q = q.data;
+    p.k = layer_k(self, ly);
+    p.dtype = self->dtype;
+    p.B = self->B;
+    p.Hq = q.shape[1];
+    p.Hkv = self->H;
+    p.D = self->D;
+    p.length = ly->length;
+    memcpy(p.q_stride, q.strides, sizeof p.q_stride);
+    kv_strides(self, ly->cap, p.k_stride);
+    p.scale = (float)scale;
+    p.acc = (float *)rpc_storage_data(ly->accstorage);
+    acc_strides_of(self, ly->cap, p.acc_stride);
+    p.padding = self->padding;
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    if (ly->dev_type == RPC_DEV_CUDA) {
+        /* The padding counts live on the host: a device copy for this call, ordered on the stream. */
+        padstore = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, (size_t)self->B * sizeof(int64_t),
+                                   stream);
+        if (padstore == NULL) {
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = rpc_cuda_memcpy_h2d_async(ly->dev_id, rpc_storage_data(padstore), self->padding,
+                                       (size_t)self->B * sizeof(int64_t), (void *)stream, err);
+        if (rc == RPC_OK) {
+            p.padding = (const int64_t *)rpc_storage_data(padstore);
+            rc = rpc_cuda_accumulate(ly->dev_id, &p, (void *)stream, err);
+        }
+        Py_END_ALLOW_THREADS
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = rpc_cpu_accumulate(&p, err);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(padstore);
+    Py_XDECREF(qkeep);
+    cache_leave(self);
+    return result;
+}
+
+static PyObject *kvcache_accumulator(PyObject *op, PyObject *layer_obj) {
+    KVCacheObject *self = (KVCacheObject *)op;
+    ENTER(self);
+    PyObject *result = NULL;
+    int64_t layer;
+    if (parse_layer(self, layer_obj, &layer) < 0 || require_accumulators(self) < 0) {
+        goto done;
+    }
+    rpc_layer *ly = &self->layers[layer];
+    if (ly->accstorage == NULL) {
+        int64_t shape[3] = {self->B, self->H, 0}, strides[3] = {0, 0, 1};
+        result = rpc_view_new(cache_state(self), Py_None, NULL, RPC_DEV_CPU, 0, RPC_F32, 3, shape, strides);
+        goto done;
+    }
+    int64_t shape[3] = {self->B, self->H, ly->length}, strides[3];
+    acc_strides_of(self, ly->cap, strides);
+    result = rpc_view_new(cache_state(self), ly->accstorage, rpc_storage_data(ly->accstorage), ly->dev_type, ly->dev_id,
+                          RPC_F32, 3, shape, strides);
+done:
+    cache_leave(self);
+    return result;
+}
+
+static PyObject *kvcache_compact(PyObject *op, PyObject *args, PyObject *kwargs) {
+    KVCacheObject *self = (KVCacheObject *)op;
+    static char *kwlist[] = {"layer", "start", "indices", "stream", NULL};
+    PyObject *layer_obj, *idx_obj, *stream_obj = Py_None;
+    long long start;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLO|$O:compact", kwlist, &layer_obj, &start, &idx_obj,
+                                     &stream_obj)) {
+        return NULL;
+    }
+    ENTER(self);
+    PyObject *result = NULL, *ikeep = NULL;
+    int64_t layer;
+    intptr_t stream;
+    rpc_tensor ix;
+    if (parse_layer(self, layer_obj, &layer) < 0 || rpc_parse_stream(stream_obj, &stream) < 0) {
+        goto done;
+    }
+    rpc_layer *ly = &self->layers[layer];
+    if (ly->storage == NULL) {
+        PyErr_Format(PyExc_ValueError, "layer: layer %lld holds no tokens", (long long)layer);
+        goto done;
+    }
+    const int64_t W = self->window, end = ly->length - W;
+    if (start < 0 || start > end) {
+        PyErr_Format(PyExc_ValueError,
+                     "start: expected 0 <= start <= length - window = %lld - %lld = %lld, got %lld",
+                     (long long)ly->length, (long long)W, (long long)end, start);
+        goto done;
+    }
+    const int64_t N = end - start;
+    if (rpc_from_dlpack(idx_obj, "indices", stream, &ix, &ikeep) < 0 ||
+        rpc_check_ndim_dtype(&ix, "indices", 3, RPC_I64) < 0 || check_device(ly, layer, &ix, "indices") < 0 ||
+        rpc_check_no_negative_strides(&ix, "indices") < 0) {
+        goto done;
+    }
+    const int64_t keep = ix.shape[2];
+    if (ix.shape[0] != self->B || (ix.shape[1] != 1 && ix.shape[1] != self->H) || keep > N) {
+        char got[160];
+        format_shape(got, sizeof got, ix.shape, 3);
+        PyErr_Format(PyExc_ValueError,
+                     "indices: expected shape [%lld, 1 or %lld, keep] with keep <= length - window - start = %lld, got %s",
+                     (long long)self->B, (long long)self->H, (long long)N, got);
+        goto done;
+    }
+    if (keep > 1 && ix.strides[2] != 1) {
+        PyErr_Format(PyExc_ValueError, "indices: expected stride 1 in the last dimension, got %lld",
+                     (long long)ix.strides[2]);
+        goto done;
+    }
+    if (ly->dev_type == RPC_DEV_CPU) {
+        const int64_t *base = (const int64_t *)ix.data;
+        for (int64_t b = 0; b < ix.shape[0]; b++) {
+            for (int64_t a = 0; a < ix.shape[1]; a++) {
+                const int64_t *row = base + b * ix.strides[0] + a * ix.strides[1];
+                for (int64_t i = 0; i < keep; i++) {
+                    if (row[i] < 0 || row[i] >= N || (i > 0 && row[i] <= row[i - 1])) {
+                        PyErr_Format(PyExc_ValueError,
+                                     "indices: expected strictly ascending offsets in [0, %lld) (length - window - "
+                                     "start), got %lld at [%lld, %lld, %lld]",
+                                     (long long)N, (long long)row[i], (long long)b, (long long)a, (long long)i);
+                        goto done;
+                    }
+                }
+            }
+        }
+    }
+    rpc_compact_params cp;
+    memset(&cp, 0, sizeof cp);
+    cp.k = layer_k(self, ly);
+    cp.v = layer_v(self, ly);
+    cp.dtype = self->dtype;
+    cp.B = self->B;
+    cp.H = self->H;
+    cp.L = ly->length;
+    cp.D = self->D;
+    kv_strides(self, ly->cap, cp.k_stride);
+    kv_strides(self, ly->cap, cp.v_stride);
+    cp.indices = (const int64_t *)ix.data;
+    cp.A = ix.shape[1];
+    cp.idx_stride_b = ix.strides[0];
+    cp.idx_stride_a = ix.strides[1];
+    cp.start = start;
+    cp.end = end;
+    cp.keep = keep;
+    rpc_acc_compact_params ap;
+    const int has_acc = acc_params(self, ly, &cp, &ap);
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    const int dev = ly->dev_id;
+    const int on_cuda = ly->dev_type == RPC_DEV_CUDA;
+    Py_BEGIN_ALLOW_THREADS
+    rc = on_cuda ? rpc_cuda_compact(dev, &cp, (void *)stream, err) : rpc_cpu_compact(&cp, err);
+    if (rc == RPC_OK && has_acc) {
+        rc = on_cuda ? rpc_cuda_compact_acc(dev, &ap, (void *)stream, err) : rpc_cpu_compact_acc(&ap, err);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    ly->length = start + keep + W;
+    if (sync_lengths(self, ly, stream) < 0) {
+        goto done;
+    }
+    result = PyLong_FromLongLong((long long)ly->length);
+done:
+    Py_XDECREF(ikeep);
+    cache_leave(self);
+    return result;
+}
+
+static PyObject *kvcache_ring_position(PyObject *op, PyObject *layer_obj) {
+    KVCacheObject *self = (KVCacheObject *)op;
+    ENTER(self);
+    PyObject *result = NULL;
+    int64_t layer;
+    if (parse_layer(self, layer_obj, &layer) == 0) {
+        result = PyLong_FromLongLong((long long)self->layers[layer].q_pos);
+    }
+    cache_leave(self);
+    return result;
+}
+
+static PyObject *get_accumulators(PyObject *op, void *closure) {
+    (void)closure;
+    KVCacheObject *self = (KVCacheObject *)op;
+    if (require_init(self) < 0) {
+        return NULL;
+    }
+    if (self->closed) {
+        PyErr_SetString(PyExc_ValueError, "KVCache is closed");
+        return NULL;
+    }
+    return PyBool_FromLong(self->accumulators);
 }
 
 /* ------------------------------------------------------------------ attributes */
@@ -1448,6 +1822,7 @@ static PyGetSetDef kvcache_getset[] = {
      "Bytes of compression scratch held (one block per device, reused by every compression; not in nbytes).",
      "scratch_nbytes"},
     {"padding", kvcache_get_padding, NULL, "Left-padding count per sequence (tuple).", NULL},
+    {"accumulators", get_accumulators, NULL, "True when layers keep an H2O accumulator.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1482,6 +1857,18 @@ static PyMethodDef kvcache_methods[] = {
     {"reset", KW kvcache_reset, METH_VARARGS | METH_KEYWORDS,
      "reset(stream=None): lengths, seen, rings and padding to zero; keeps allocations."},
     {"close", kvcache_close, METH_NOARGS, "close(): free everything; later calls raise ValueError."},
+    {"accumulate", KW kvcache_accumulate, METH_VARARGS | METH_KEYWORDS,
+     "accumulate(layer, q, *, scale=None, stream=None): H2O step: add the attention of this step's query\n"
+     "q [B, Hq, 1, D] over the live keys [padding[b], length), summed over each KV head's query heads."},
+    {"accumulator", kvcache_accumulator, METH_O,
+     "accumulator(layer) -> View float32 [B, H, length] of the layer's H2O accumulator (zero-copy)."},
+    {"compact", KW kvcache_compact, METH_VARARGS | METH_KEYWORDS,
+     "compact(layer, start, indices, *, stream=None) -> new length: keep [0, start), start + indices\n"
+     "(int64 [B, 1 or H, keep], strictly ascending, < length - window - start) and the window; in place\n"
+     "on K, V and the accumulator."},
+    {"ring_position", kvcache_ring_position, METH_O,
+     "ring_position(layer) -> int: the next ring slot record_query writes; slot (pos - 1 - i) % window\n"
+     "holds the i-th newest query."},
     {"__enter__", kvcache_enter_ctx, METH_NOARGS, NULL},
     {"__exit__", kvcache_exit_ctx, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -1508,7 +1895,7 @@ static PyType_Slot kvcache_slots[] = {
     {Py_tp_methods, kvcache_methods},
     {Py_tp_getset, kvcache_getset},
     {Py_tp_doc, "KVCache(num_layers, batch, kv_heads, head_dim, dtype='float32', *, capacity=0,\n"
-                "        fixed_capacity=False, window=0, q_heads=0)\n\n"
+                "        fixed_capacity=False, window=0, q_heads=0, accumulators=False)\n\n"
                 "Per-layer key/value storage with query rings for Reasoning Path Compression."},
     {0, NULL},
 };

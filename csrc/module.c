@@ -220,6 +220,9 @@ static int rpc_module_exec(PyObject *module) {
     if (rpc_decode_register(module) < 0) {
         return -1;
     }
+    if (rpc_policy_register(module) < 0) {
+        return -1;
+    }
     return 0;
 }
 

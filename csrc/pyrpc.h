@@ -69,5 +69,6 @@ int rpc_bridge_register(PyObject *module, rpc_module_state *st);  /* dlpack_brid
 int rpc_kvcache_register(PyObject *module, rpc_module_state *st); /* kvcache.c: KVCache */
 int rpc_ops_register(PyObject *module);                           /* ops_binding.c: score/select/compact */
 int rpc_decode_register(PyObject *module);                        /* decode_binding.c: decode step */
+int rpc_policy_register(PyObject *module);                        /* policy_binding.c: policy kernels */
 
 #endif /* RPC_PY_PYRPC_H */

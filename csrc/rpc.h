@@ -8,6 +8,8 @@
  *   *.cu            CUDA kernels and launchers; no Python API in there (cuda_common.cuh: errors and
  *                   device guard; mma_common.cuh: cp.async / ldmatrix / mma.sync building blocks)
  *   cuda_stub.c     stand-ins for the rpc_cuda_* functions when CUDA is not built
+ *   policy_cpu.c, policy_cuda.cu  kernels of the other selection policies (window attention, R-KV
+ *                   redundancy, H2O accumulation, recent/random fills); policy_binding.c binds them
  *
  * Kernels see only the plain structs below: raw pointers, sizes and strides counted in elements.
  * Every kernel/launcher returns 0 on success or a negative rpc_status and writes a message into
@@ -254,6 +256,131 @@ static inline RPC_HOST_DEVICE int64_t rpc_ring_slot(int64_t seen, int64_t offset
     if (a < 0) a += window;
     if (b < 0) b += window;
     return (a + b) % window;
+}
+
+/* ---------------------------------------------------------------- selection policies (policy_cpu.c,
+ * policy_cuda.cu; the float64 oracle is rpc_py/policy_reference.py, docs/design.md "Policy kernels").
+ * The score functions of the non-RPC policies: a general window-attention score, R-KV's key
+ * redundancy, H2O's accumulated attention, and the data-free recent/random fills. Selection and
+ * compaction stay RPC's own (rpc_*_select, rpc_*_compact). */
+
+typedef enum {
+    RPC_NORM_CANDIDATES = 0, /* softmax over the candidates [start, end) (RPC) */
+    RPC_NORM_PAST = 1,       /* over [padding[b], end): every key older than the window (R-KV) */
+    RPC_NORM_CAUSAL = 2      /* over [padding[b], query_positions[r] + 1): what the model computed */
+} rpc_attn_norm;
+typedef enum {
+    RPC_GQA_MEAN_PROBS = 0, /* softmax per query head, then averaged */
+    RPC_GQA_MAX_LOGITS = 1  /* the G logits of a KV head max-pooled before one softmax */
+} rpc_attn_gqa;
+typedef enum { RPC_REDUCE_SUM = 0, RPC_REDUCE_MEAN = 1 } rpc_query_reduce;
+
+/* Window-attention scores of the candidates [start, end) (window_attention_reference). A query whose
+ * denominator range is empty, or whose logits in that range hold a NaN or +inf (the oracle's softmax
+ * is NaN there), contributes zero. Float32 logits and exp, double accumulation, float32 results. */
+typedef struct {
+    const void *q;          /* selector queries [B, Hq, R, D], strides q_stride; borrowed */
+    const void *k;          /* keys [B, Hkv, L, D], strides k_stride; borrowed */
+    rpc_dtype dtype;        /* shared by q and k: F32, F16 or BF16 */
+    int64_t B, Hq, Hkv, R, D, L;
+    int64_t q_stride[4];    /* elements, >= 0 */
+    int64_t k_stride[4];    /* elements, >= 0 */
+    int64_t start, end;     /* candidates [start, end), 0 <= start < end <= L; N = end - start */
+    const int64_t *query_positions; /* [R] key position of each query (needed by RPC_NORM_CAUSAL, else
+                                       may be NULL), on the kernel's device; any value (the range is
+                                       clamped to [0, L]) */
+    const int64_t *padding; /* [B] left-padding counts or NULL (none), on the kernel's device; the
+                               kernels clamp them to [0, L] (CPU callers validate them first) */
+    rpc_attn_norm norm;
+    rpc_attn_gqa gqa;
+    rpc_query_reduce reduce;
+    rpc_aggregation agg;    /* A = 1 (ALL) or Hkv (GROUP) */
+    rpc_pooling pool;
+    int kernel_size;        /* odd, >= 1 (1 = no pooling) */
+    float scale;            /* logit scale, usually 1/sqrt(D) */
+    float *out;             /* pooled scores [B, A, N], contiguous; written */
+    float *raw;             /* optional: the scores before pooling [B, A, N]; may be NULL */
+} rpc_attn_params;
+
+/* R-KV key redundancy (redundancy_reference): per (b, kv head), over the valid keys [pad_b, L). */
+typedef struct {
+    const void *k;          /* keys [B, Hkv, L, D], strides k_stride; borrowed */
+    rpc_dtype dtype;
+    int64_t B, Hkv, L, D;
+    int64_t k_stride[4];    /* elements, >= 0 */
+    const int64_t *padding; /* [B] or NULL, on the kernel's device; clamped to [0, L] */
+    double threshold;       /* similarity above which a key counts as a near-duplicate (not NaN) */
+    float *out;             /* [B, Hkv, L] contiguous; written (0 at padded positions) */
+} rpc_redundancy_params;
+
+/* Data-free scores [batch, rows, n] (contiguous float32): RECENT writes j, RANDOM the counter hash
+ * rpc_random_uniform(seed, layer, compression, b * rows + a, j). */
+typedef enum { RPC_FILL_RECENT = 0, RPC_FILL_RANDOM = 1 } rpc_fill_kind;
+typedef struct {
+    rpc_fill_kind kind;
+    int64_t batch, rows, n; /* >= 0; RECENT needs n <= 2^24 (offsets exact in float32) */
+    uint64_t seed, layer, compression;
+    float *out;             /* written */
+} rpc_fill_params;
+
+/* One decode step of H2O (h2o_accumulate_reference): acc[b, h, j] += sum over the G query heads of KV
+ * head h of softmax_j(q . k_j * scale), j in [pad_b, length); acc elsewhere is not written. */
+typedef struct {
+    const void *q;          /* [B, Hq, 1, D], strides q_stride; borrowed */
+    const void *k;          /* [B, Hkv, >= length, D], strides k_stride; borrowed */
+    rpc_dtype dtype;        /* shared by q and k */
+    int64_t B, Hq, Hkv, D, length;  /* length >= 0 live keys */
+    int64_t q_stride[4], k_stride[4];
+    const int64_t *padding; /* [B] or NULL, on the kernel's device; clamped to [0, length] */
+    float scale;
+    float *acc;             /* float32 [B, Hkv, >= length], strides acc_stride; read and written */
+    int64_t acc_stride[3];
+} rpc_accumulate_params;
+
+/* In-place compaction of a float32 [B, H, L] accumulator with the indices of rpc_compact_params
+ * (positions [0, start) stay, start + indices[i] -> start + i, the window [end, L) follows), then
+ * positions [start + keep + L - end, L) are zeroed so that tokens appended later start from 0. */
+typedef struct {
+    float *acc;             /* [B, H, >= L], strides acc_stride; modified in place */
+    int64_t B, H, L;
+    int64_t acc_stride[3];
+    const int64_t *indices; /* [B, A, keep], strictly ascending offsets from start; the CPU kernel checks
+                               them, the CUDA kernel skips (never follows) out-of-order ones */
+    int64_t A, idx_stride_b, idx_stride_a;
+    int64_t start, end, keep;
+} rpc_acc_compact_params;
+
+int rpc_cpu_attn_scores(const rpc_attn_params *p, char *err);
+int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err); /* plain reference, for tests */
+int rpc_cpu_redundancy(const rpc_redundancy_params *p, char *err);
+int rpc_cpu_redundancy_scalar(const rpc_redundancy_params *p, char *err); /* plain reference */
+int rpc_cpu_fill_scores(const rpc_fill_params *p, char *err);
+int rpc_cpu_accumulate(const rpc_accumulate_params *p, char *err);
+int rpc_cpu_accumulate_scalar(const rpc_accumulate_params *p, char *err); /* plain reference */
+int rpc_cpu_compact_acc(const rpc_acc_compact_params *p, char *err);
+int rpc_cuda_attn_scores(int device, const rpc_attn_params *p, void *stream, char *err);
+int rpc_cuda_redundancy(int device, const rpc_redundancy_params *p, void *stream, char *err);
+int rpc_cuda_fill_scores(int device, const rpc_fill_params *p, void *stream, char *err);
+int rpc_cuda_accumulate(int device, const rpc_accumulate_params *p, void *stream, char *err);
+int rpc_cuda_compact_acc(int device, const rpc_acc_compact_params *p, void *stream, char *err);
+
+/* The random policy's counter hash (random_uniform_reference), shared by the CPU and CUDA kernels so
+ * both give the same bits: splitmix64's finalizer chained over (seed, layer, compression, row, j);
+ * the top 24 bits scaled by 2^-24 are exact in float32. */
+static inline RPC_HOST_DEVICE uint64_t rpc_mix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static inline RPC_HOST_DEVICE float rpc_random_uniform(uint64_t seed, uint64_t layer, uint64_t compression,
+                                                       uint64_t row, uint64_t j) {
+    uint64_t h = rpc_mix64(seed);
+    h = rpc_mix64(h ^ layer);
+    h = rpc_mix64(h ^ compression);
+    h = rpc_mix64(h ^ row);
+    return (float)(rpc_mix64(h ^ j) >> 40) * (1.0f / 16777216.0f);
 }
 
 #ifdef __cplusplus

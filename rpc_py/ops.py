@@ -1,4 +1,4 @@
-"""Python wrappers over the standalone RPC operator of ``rpc_py._C``.
+"""Python wrappers over the standalone operators of ``rpc_py._C``.
 
 The C functions take any DLPack producer (torch, numpy, cupy, our ``View``). These wrappers add what
 is awkward in C: they pass the current CUDA stream for CUDA torch tensors, and give results back in
@@ -7,6 +7,11 @@ CUDA). torch is optional: it is only imported when the inputs are torch tensors.
 
 Steps of the method (docs/rpc-algorithm.md): ``score`` = 3-7, ``select`` = 8, ``compact`` = 9,
 ``compress`` = all of them on one layer.
+
+Score functions of the other selection policies (rpc_py/policy_reference.py is their oracle):
+``attn_scores`` (window attention: TOVA, SnapKV, R-KV's importance, RPC's own scores as a special
+case), ``redundancy`` (R-KV) and ``fill_scores`` (recent, random). Their scores feed ``select`` and
+``compact`` like RPC's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 
 from rpc_py import _C
 
-__all__ = ["score", "select", "compact", "compress"]
+__all__ = ["score", "select", "compact", "compress", "attn_scores", "redundancy", "fill_scores"]
 
 
 def _torch_if_tensor(x):
@@ -88,3 +93,68 @@ def compress(queries, keys, values, start, keep, window, *, aggregation="all", p
     indices = select(pooled, keep, stream=stream)
     new_length = compact(keys, values, indices, start, end, stream=stream)
     return new_length, indices
+
+
+def _int_vector(x):
+    """query_positions / padding: None, a sequence of ints, or an integer array/tensor (made int64)."""
+    if x is None:
+        return None
+    torch = _torch_if_tensor(x)
+    if torch is not None:
+        return x if x.dtype == torch.int64 else x.to(torch.int64)
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and hasattr(x, "astype") and getattr(dtype, "kind", "") in "iu" and str(dtype) != "int64":
+        return x.astype("int64")
+    return x
+
+
+def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm="candidates",
+                gqa="mean_probs", query_reduce="sum", aggregation="all", pooling="avg", kernel_size=1, scale=None,
+                stream=None, raw=False):
+    """Window-attention scores of the candidates ``keys[:, :, start:end]``: float32 ``[B, A, N]``
+    (``rpc_py.policy_reference.window_attention_reference``).
+
+    queries: ``[B, Hq, R, D]`` selector queries (post-RoPE), oldest first; keys: ``[B, Hkv, L, D]``, same
+    dtype (float32, float16, bfloat16) and device. ``norm`` picks each query's softmax denominator:
+    ``"candidates"`` (RPC), ``"past"`` (``[padding[b], end)``) or ``"causal"`` (``[padding[b],
+    query_positions[r] + 1)``; needs ``query_positions``, one key position per query). ``gqa``:
+    ``"mean_probs"`` or ``"max_logits"``; ``query_reduce``: ``"sum"`` or ``"mean"``; ``aggregation``:
+    ``"all"`` (A = 1) or ``"group"`` (A = Hkv); ``pooling``/``kernel_size`` as in ``score`` (1 = none).
+    ``padding``: left-padding count per sequence. ``scale``: logit scale (default ``1/sqrt(D)``). With
+    ``raw=True`` returns ``(pooled, unpooled)``.
+    """
+    out = _C.attn_scores(queries, keys, int(start), int(end), query_positions=_int_vector(query_positions),
+                         padding=_int_vector(padding), norm=norm, gqa=gqa, query_reduce=query_reduce,
+                         aggregation=aggregation, pooling=pooling, kernel_size=int(kernel_size), scale=scale,
+                         stream=_stream_for(queries, stream), raw=bool(raw))
+    if raw:
+        return _to_framework(out[0], queries), _to_framework(out[1], queries)
+    return _to_framework(out, queries)
+
+
+def redundancy(keys, *, padding=None, threshold=0.5, stream=None):
+    """R-KV's redundancy of every key, float32 ``[B, Hkv, L]`` (``redundancy_reference``): per sequence
+    and KV head, over the valid keys ``[padding[b], L)``; 0 at padded positions. Larger = more redundant."""
+    out = _C.redundancy(keys, padding=_int_vector(padding), threshold=float(threshold),
+                        stream=_stream_for(keys, stream))
+    return _to_framework(out, keys)
+
+
+def fill_scores(kind, batch, rows, n, *, seed=0, layer=0, compression=0, device="cpu", stream=None):
+    """Data-free scores ``[batch, rows, n]`` float32: ``kind="recent"`` (candidate j scores j, so the
+    newest are kept) or ``"random"`` (``random_uniform_reference``'s counter hash of (seed, layer,
+    compression, b * rows + a, j); the same bits on every device).
+
+    device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device`` (then the result is a torch tensor;
+    otherwise NumPy on CPU, a ``View`` on CUDA).
+    """
+    torch = sys.modules.get("torch")
+    as_torch = torch is not None and isinstance(device, torch.device)
+    dev = str(device)
+    if stream is None and torch is not None and dev.startswith("cuda") and torch.cuda.is_available():
+        stream = torch.cuda.current_stream(torch.device(dev)).cuda_stream
+    out = _C.fill_scores(kind, int(batch), int(rows), int(n), seed=seed, layer=layer, compression=compression,
+                         device=dev, stream=stream)
+    if not as_torch:
+        return out
+    return torch.from_dlpack(out) if dev.startswith("cuda") else torch.as_tensor(out)

@@ -1,0 +1,803 @@
+/* policy_binding.c: module functions of the selection-policy kernels (rpc_py._C).
+ *
+ *   attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm="candidates",
+ *               gqa="mean_probs", query_reduce="sum", aggregation="all", pooling="avg", kernel_size=1,
+ *               scale=None, stream=None, raw=False)
+ *   redundancy(keys, *, padding=None, threshold=0.5, stream=None)
+ *   fill_scores(kind, batch, rows, n, *, seed=0, layer=0, compression=0, device="cpu", stream=None)
+ * and, for tests, _attn_scores_scalar / _redundancy_scalar (the plain C references, CPU only) and
+ * _accumulate(q, keys, acc, ...) (H2O's step kernel on raw tensors; KVCache.accumulate is the real API).
+ *
+ * Binding only, in the manner of ops_binding.c: every argument goes through DLPack, is validated
+ * (dtype, device, shapes, strides, ranges, option names) and becomes a plain rpc.h struct before any
+ * memory is touched; kernels run with the GIL released. CPU results are NumPy arrays, CUDA results
+ * Views over a fresh Storage written on the caller's stream.
+ *
+ * query_positions and padding are int64 vectors given as Python sequences or 1-D int64 DLPack tensors.
+ * Host values are checked (padding >= 0) and, for CUDA inputs, copied to the device on the stream. A
+ * CUDA tensor on the inputs' device is used in place without reading it (no sync): its values are not
+ * checked; the kernels clamp every range into [0, L], so bad values give wrong scores, never bad
+ * memory accesses.
+ */
+#include "pyrpc.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* -------------------------------------------------------------------------------------- helpers */
+
+static void pol_format_shape(char *buf, size_t n, const rpc_tensor *t) {
+    size_t used = (size_t)snprintf(buf, n, "[");
+    for (int i = 0; i < t->ndim && used < n; i++)
+        used += (size_t)snprintf(buf + used, n - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+    if (used < n) snprintf(buf + used, n - used, "]");
+}
+
+static int pol_check_float(const rpc_tensor *t, const char *argname) {
+    if (t->dtype != RPC_F32 && t->dtype != RPC_F16 && t->dtype != RPC_BF16) {
+        PyErr_Format(PyExc_ValueError, "%s: expected dtype float32, float16 or bfloat16, got %s", argname,
+                     rpc_dtype_name(t->dtype));
+        return -1;
+    }
+    return 0;
+}
+
+static int pol_same_device(const rpc_tensor *a, const char *aname, const rpc_tensor *b, const char *bname) {
+    if (a->device_type != b->device_type || a->device_id != b->device_id) {
+        char da[32], db[32];
+        rpc_format_device(da, sizeof da, a->device_type, a->device_id);
+        rpc_format_device(db, sizeof db, b->device_type, b->device_id);
+        PyErr_Format(PyExc_ValueError, "%s: expected a tensor on %s (the device of %s), got %s", bname, da, aname,
+                     db);
+        return -1;
+    }
+    return 0;
+}
+
+/* Products of sizes that overflow int64 (absurd shapes from a malicious producer). */
+static int pol_sizes_fit(const int64_t *dims, int n, const char *what) {
+    int64_t total = 1;
+    for (int i = 0; i < n; i++) {
+        if (dims[i] != 0 && total > (INT64_MAX / 16) / dims[i]) {
+            PyErr_Format(PyExc_ValueError, "%s: sizes too large", what);
+            return -1;
+        }
+        total *= dims[i];
+    }
+    return 0;
+}
+
+/* value must be one of names[0..count); *out = its index. */
+static int pol_choice(const char *value, const char *argname, const char *const *names, int count, int *out) {
+    for (int i = 0; i < count; i++) {
+        if (strcmp(value, names[i]) == 0) {
+            *out = i;
+            return 0;
+        }
+    }
+    char list[160];
+    size_t used = 0;
+    list[0] = '\0';
+    for (int i = 0; i < count && used < sizeof list; i++)
+        used += (size_t)snprintf(list + used, sizeof list - used, "%s'%s'", i ? ", " : "", names[i]);
+    PyErr_Format(PyExc_ValueError, "%s: expected one of %s, got '%s'", argname, list, value);
+    return -1;
+}
+
+/* scale=None -> 1/sqrt(D); otherwise a finite float32 value. */
+static int pol_scale(PyObject *obj, int64_t D, float *out) {
+    double scale = 1.0 / sqrt((double)D);
+    if (obj != Py_None) {
+        scale = PyFloat_AsDouble(obj);
+        if (scale == -1.0 && PyErr_Occurred()) return -1;
+        if (!isfinite(scale) || fabs(scale) > FLT_MAX) {
+            PyErr_Format(PyExc_ValueError, "scale: expected a finite float32 value, got %R", obj);
+            return -1;
+        }
+    }
+    *out = (float)scale;
+    return 0;
+}
+
+static int pol_cuda_usable(int dev_id, const char *argname) {
+    if (!rpc_cuda_built()) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "%s: CUDA requested but rpc_py was built without CUDA (reinstall with nvcc, RPC_PY_CUDA=1)",
+                     argname);
+        return -1;
+    }
+    char err[RPC_ERR_LEN] = {0};
+    int count = 0;
+    int rc = rpc_cuda_device_count(&count, err);
+    if (rc != RPC_OK) return rpc_raise_status_int(rc, err);
+    if (dev_id < 0 || dev_id >= count) {
+        PyErr_Format(PyExc_RuntimeError, "%s: cuda:%d requested but %d CUDA device(s) are usable", argname, dev_id,
+                     count);
+        return -1;
+    }
+    return 0;
+}
+
+/* Float32 result buffers of `count` elements (twice when raw): host malloc or a device Storage. */
+typedef struct {
+    float *host;
+    PyObject *storage;
+    float *dev;
+} pol_out;
+
+static int pol_out_alloc(rpc_module_state *st, rpc_device_type dt, int dev_id, size_t count, intptr_t stream,
+                         pol_out *o) {
+    memset(o, 0, sizeof *o);
+    if (dt == RPC_DEV_CPU) {
+        o->host = (float *)malloc((count + 1) * sizeof(float));
+        if (!o->host) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        return 0;
+    }
+    o->storage = rpc_storage_new(st, dt, dev_id, count * sizeof(float), stream);
+    if (!o->storage) return -1;
+    o->dev = (float *)rpc_storage_data(o->storage);
+    return 0;
+}
+
+static void pol_out_free(pol_out *o) {
+    free(o->host);
+    Py_XDECREF(o->storage);
+    memset(o, 0, sizeof *o);
+}
+
+/* A contiguous float32 result of `shape` starting `offset` elements into the buffers. */
+static PyObject *pol_wrap(rpc_module_state *st, const pol_out *o, rpc_device_type dt, int dev_id, size_t offset,
+                          int ndim, const int64_t *shape) {
+    if (dt == RPC_DEV_CPU) return rpc_numpy_from_host(o->host + offset, RPC_F32, ndim, shape);
+    int64_t strides[RPC_MAX_NDIM];
+    int64_t s = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        strides[i] = s;
+        s *= shape[i] > 0 ? shape[i] : 1;
+    }
+    return rpc_view_new(st, o->storage, o->dev + offset, dt, dev_id, RPC_F32, ndim, shape, strides);
+}
+
+/* ------------------------------------------------------------------------ int64 vector arguments */
+
+typedef struct {
+    const int64_t *kernel; /* what the kernel reads: host values (CPU) or device memory (CUDA); NULL = None */
+    int64_t *host;         /* owned host copy, NULL when the values live on the device only */
+    PyObject *keep;        /* DLPack keepalive */
+    PyObject *store;       /* Storage holding the device copy */
+} int_vec;
+
+/* 1 / 0, or -1 with the exception of a failing attribute lookup (other than AttributeError). */
+static int pol_has_attr(PyObject *obj, const char *name) {
+    PyObject *v = PyObject_GetAttrString(obj, name);
+    if (v) {
+        Py_DECREF(v);
+        return 1;
+    }
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+
+static void int_vec_free(int_vec *v) {
+    free(v->host);
+    Py_XDECREF(v->keep);
+    Py_XDECREF(v->store);
+    memset(v, 0, sizeof *v);
+}
+
+/* Parses `obj` (None, a sequence of ints, or a 1-D int64 DLPack tensor) as `len` int64 values for a
+ * kernel on (dt, dev_id). nonneg: values must be >= 0 (checked where they are on the host). */
+static int int_vec_parse(PyObject *obj, const char *argname, int64_t len, int nonneg, rpc_module_state *st,
+                         rpc_device_type dt, int dev_id, intptr_t stream, int_vec *v) {
+    memset(v, 0, sizeof *v);
+    if (obj == Py_None) return 0;
+    int is_dl = PyCapsule_CheckExact(obj);
+    if (!is_dl) {
+        is_dl = pol_has_attr(obj, "__dlpack__");
+        if (is_dl < 0) return -1;
+    }
+    v->host = (int64_t *)malloc((size_t)(len > 0 ? len : 1) * sizeof(int64_t));
+    if (!v->host) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (is_dl) {
+        rpc_tensor t;
+        if (rpc_from_dlpack(obj, argname, stream, &t, &v->keep) < 0) goto fail;
+        if (t.ndim != 1 || t.dtype != RPC_I64 || t.shape[0] != len) {
+            char got[96];
+            pol_format_shape(got, sizeof got, &t);
+            PyErr_Format(PyExc_ValueError, "%s: expected a 1-D int64 tensor of %lld elements, got %s %s", argname,
+                         (long long)len, rpc_dtype_name(t.dtype), got);
+            goto fail;
+        }
+        if (rpc_check_no_negative_strides(&t, argname) < 0) goto fail;
+        if (t.device_type == RPC_DEV_CPU) {
+            for (int64_t i = 0; i < len; i++) v->host[i] = ((const int64_t *)t.data)[i * t.strides[0]];
+        } else {
+            if (t.device_type != dt || t.device_id != dev_id) {
+                char want[32], got[32];
+                rpc_format_device(want, sizeof want, dt, dev_id);
+                rpc_format_device(got, sizeof got, t.device_type, t.device_id);
+                PyErr_Format(PyExc_ValueError, "%s: expected a sequence or a tensor on cpu or %s, got a tensor on %s",
+                             argname, want, got);
+                goto fail;
+            }
+            if (len > 1 && t.strides[0] != 1) {
+                PyErr_Format(PyExc_ValueError, "%s: expected a contiguous tensor on %s, got stride %lld", argname,
+                             "cuda", (long long)t.strides[0]);
+                goto fail;
+            }
+            free(v->host);
+            v->host = NULL;
+            v->kernel = (const int64_t *)t.data; /* unchecked device values: the kernels clamp */
+            return 0;
+        }
+    } else {
+        if (PyUnicode_Check(obj) || PyBytes_Check(obj)) {
+            PyErr_Format(PyExc_TypeError, "%s: expected a sequence of ints or an int64 tensor, got %s", argname,
+                         Py_TYPE(obj)->tp_name);
+            goto fail;
+        }
+        PyObject *seq = PySequence_Fast(obj, "expected a sequence of ints or an int64 tensor");
+        if (!seq) {
+            PyErr_Format(PyExc_TypeError, "%s: expected a sequence of ints or an int64 tensor, got %s", argname,
+                         Py_TYPE(obj)->tp_name);
+            goto fail;
+        }
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if ((int64_t)n != len) {
+            PyErr_Format(PyExc_ValueError, "%s: expected %lld entries, got %zd", argname, (long long)len, n);
+            Py_DECREF(seq);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+            PyObject *idx = PyNumber_Index(item);
+            long long x = -1;
+            int overflow = 0;
+            if (idx) x = PyLong_AsLongLongAndOverflow(idx, &overflow);
+            Py_XDECREF(idx);
+            if (!idx || (x == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s: expected ints, got %s at position %zd", argname,
+                             Py_TYPE(item)->tp_name, i);
+                Py_DECREF(seq);
+                goto fail;
+            }
+            if (overflow) {
+                PyErr_Format(PyExc_ValueError, "%s: value at position %zd does not fit in int64", argname, i);
+                Py_DECREF(seq);
+                goto fail;
+            }
+            v->host[i] = (int64_t)x;
+        }
+        Py_DECREF(seq);
+    }
+    if (nonneg) {
+        for (int64_t i = 0; i < len; i++) {
+            if (v->host[i] < 0) {
+                PyErr_Format(PyExc_ValueError, "%s: expected values >= 0, got %lld at position %lld", argname,
+                             (long long)v->host[i], (long long)i);
+                goto fail;
+            }
+        }
+    }
+    if (dt == RPC_DEV_CPU) {
+        v->kernel = v->host;
+        return 0;
+    }
+    v->store = rpc_storage_new(st, dt, dev_id, (size_t)(len > 0 ? len : 1) * sizeof(int64_t), stream);
+    if (!v->store) goto fail;
+    {
+        char err[RPC_ERR_LEN] = {0};
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        /* pageable source: staged before the call returns, so v->host may be freed afterwards */
+        rc = rpc_cuda_memcpy_h2d_async(dev_id, rpc_storage_data(v->store), v->host, (size_t)len * sizeof(int64_t),
+                                       (void *)stream, err);
+        Py_END_ALLOW_THREADS
+        if (rc != RPC_OK) {
+            rpc_raise_status(rc, err);
+            goto fail;
+        }
+    }
+    v->kernel = (const int64_t *)rpc_storage_data(v->store);
+    return 0;
+fail:
+    int_vec_free(v);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------ attn_scores */
+
+static const char *const NORM_NAMES[] = {"candidates", "past", "causal"};
+static const char *const GQA_NAMES[] = {"mean_probs", "max_logits"};
+static const char *const REDUCE_NAMES[] = {"sum", "mean"};
+static const char *const AGG_NAMES[] = {"all", "group"};
+static const char *const POOL_NAMES[] = {"avg", "max"};
+
+/* Queries [B, Hq, R, D] and keys [B, Hkv, L, D]: same dtype (float) and device, Hkv | Hq, R, D >= 1. */
+static int check_qk(const rpc_tensor *q, const rpc_tensor *k) {
+    char shp[2][128];
+    if (rpc_check_ndim_dtype(q, "queries", 4, -1) < 0 || pol_check_float(q, "queries") < 0) return -1;
+    if (rpc_check_ndim_dtype(k, "keys", 4, (int)q->dtype) < 0) return -1;
+    if (pol_same_device(q, "queries", k, "keys") < 0) return -1;
+    if (rpc_check_no_negative_strides(q, "queries") < 0 || rpc_check_no_negative_strides(k, "keys") < 0) return -1;
+    pol_format_shape(shp[0], sizeof shp[0], q);
+    pol_format_shape(shp[1], sizeof shp[1], k);
+    if (q->shape[0] != k->shape[0] || q->shape[3] != k->shape[3]) {
+        PyErr_Format(PyExc_ValueError,
+                     "keys: expected shape [B, Hkv, L, D] with B and D of queries %s [B, Hq, R, D], got %s", shp[0],
+                     shp[1]);
+        return -1;
+    }
+    if (q->shape[1] < 1 || k->shape[1] < 1 || q->shape[1] % k->shape[1] != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "keys: expected a number of KV heads >= 1 dividing the query heads of queries %s, got %s", shp[0],
+                     shp[1]);
+        return -1;
+    }
+    if (q->shape[2] < 1 || q->shape[3] < 1) {
+        PyErr_Format(PyExc_ValueError, "queries: expected at least one query and head_dim >= 1, got shape %s", shp[0]);
+        return -1;
+    }
+    if (pol_sizes_fit(q->shape, 4, "queries") < 0 || pol_sizes_fit(k->shape, 4, "keys") < 0) return -1;
+    return 0;
+}
+
+static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar) {
+    static char *kwlist[] = {"queries", "keys", "start", "end", "query_positions", "padding", "norm", "gqa",
+                             "query_reduce", "aggregation", "pooling", "kernel_size", "scale", "stream", "raw",
+                             NULL};
+    PyObject *q_obj, *k_obj, *qpos_obj = Py_None, *pad_obj = Py_None, *scale_obj = Py_None, *stream_obj = Py_None;
+    long long start, end;
+    const char *norm_name = "candidates", *gqa_name = "mean_probs", *reduce_name = "sum", *agg_name = "all",
+               *pool_name = "avg";
+    int kernel_size = 1, want_raw = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$OOsssssiOOp:attn_scores", kwlist, &q_obj, &k_obj, &start,
+                                     &end, &qpos_obj, &pad_obj, &norm_name, &gqa_name, &reduce_name, &agg_name,
+                                     &pool_name, &kernel_size, &scale_obj, &stream_obj, &want_raw))
+        return NULL;
+    int norm, gqa, reduce, agg, pool;
+    intptr_t stream;
+    if (pol_choice(norm_name, "norm", NORM_NAMES, 3, &norm) < 0 || pol_choice(gqa_name, "gqa", GQA_NAMES, 2, &gqa) < 0 ||
+        pol_choice(reduce_name, "query_reduce", REDUCE_NAMES, 2, &reduce) < 0 ||
+        pol_choice(agg_name, "aggregation", AGG_NAMES, 2, &agg) < 0 ||
+        pol_choice(pool_name, "pooling", POOL_NAMES, 2, &pool) < 0)
+        return NULL;
+    if (kernel_size < 1 || kernel_size % 2 == 0) {
+        PyErr_Format(PyExc_ValueError, "kernel_size: expected an odd integer >= 1, got %d", kernel_size);
+        return NULL;
+    }
+    if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
+
+    PyObject *q_keep = NULL, *k_keep = NULL, *result = NULL;
+    int_vec qpos, pad;
+    memset(&qpos, 0, sizeof qpos);
+    memset(&pad, 0, sizeof pad);
+    pol_out o;
+    memset(&o, 0, sizeof o);
+    rpc_tensor q, k;
+    rpc_module_state *st = rpc_get_state(module);
+    if (rpc_from_dlpack(q_obj, "queries", stream, &q, &q_keep) < 0) goto done;
+    if (rpc_from_dlpack(k_obj, "keys", stream, &k, &k_keep) < 0) goto done;
+    if (check_qk(&q, &k) < 0) goto done;
+    const int64_t L = k.shape[2];
+    if (start < 0 || end <= start || end > L) {
+        PyErr_Format(PyExc_ValueError,
+                     "start, end: expected 0 <= start < end <= %lld (the keys length), got start=%lld end=%lld",
+                     (long long)L, start, end);
+        goto done;
+    }
+    if (scalar && q.device_type != RPC_DEV_CPU) {
+        PyErr_SetString(PyExc_ValueError, "queries: the scalar reference kernel runs on cpu only");
+        goto done;
+    }
+    if (q.device_type == RPC_DEV_CUDA && pol_cuda_usable(q.device_id, "queries") < 0) goto done;
+    if (norm == RPC_NORM_CAUSAL && qpos_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "query_positions: required with norm='causal' (the key position of each "
+                                          "query)");
+        goto done;
+    }
+    if (int_vec_parse(qpos_obj, "query_positions", q.shape[2], 0, st, q.device_type, q.device_id, stream, &qpos) < 0)
+        goto done;
+    if (int_vec_parse(pad_obj, "padding", q.shape[0], 1, st, q.device_type, q.device_id, stream, &pad) < 0) goto done;
+
+    rpc_attn_params p;
+    memset(&p, 0, sizeof p);
+    p.q = q.data;
+    p.k = k.data;
+    p.dtype = q.dtype;
+    p.B = q.shape[0];
+    p.Hq = q.shape[1];
+    p.Hkv = k.shape[1];
+    p.R = q.shape[2];
+    p.D = q.shape[3];
+    p.L = L;
+    memcpy(p.q_stride, q.strides, sizeof p.q_stride);
+    memcpy(p.k_stride, k.strides, sizeof p.k_stride);
+    p.start = start;
+    p.end = end;
+    p.query_positions = qpos.kernel;
+    p.padding = pad.kernel;
+    p.norm = (rpc_attn_norm)norm;
+    p.gqa = (rpc_attn_gqa)gqa;
+    p.reduce = (rpc_query_reduce)reduce;
+    p.agg = agg ? RPC_AGG_GROUP : RPC_AGG_ALL;
+    p.pool = pool ? RPC_POOL_MAX : RPC_POOL_AVG;
+    p.kernel_size = kernel_size;
+    if (pol_scale(scale_obj, p.D, &p.scale) < 0) goto done;
+    const int64_t A = agg ? p.Hkv : 1, N = end - start;
+    const int64_t oshape[3] = {p.B, A, N};
+    const size_t count = (size_t)(p.B * A * N);
+    if (pol_out_alloc(st, q.device_type, q.device_id, count * 2, stream, &o) < 0) goto done;
+    p.out = o.host ? o.host : o.dev;
+    p.raw = want_raw ? p.out + count : NULL;
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    const int dev = q.device_id;
+    if (q.device_type == RPC_DEV_CPU) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = scalar ? rpc_cpu_attn_scores_scalar(&p, err) : rpc_cpu_attn_scores(&p, err);
+        Py_END_ALLOW_THREADS
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = rpc_cuda_attn_scores(dev, &p, (void *)stream, err);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    PyObject *pooled = pol_wrap(st, &o, q.device_type, dev, 0, 3, oshape);
+    if (!pooled || !want_raw) {
+        result = pooled;
+        goto done;
+    }
+    PyObject *rawres = pol_wrap(st, &o, q.device_type, dev, count, 3, oshape);
+    if (!rawres) {
+        Py_DECREF(pooled);
+        goto done;
+    }
+    result = PyTuple_Pack(2, pooled, rawres);
+    Py_DECREF(pooled);
+    Py_DECREF(rawres);
+done:
+    pol_out_free(&o);
+    int_vec_free(&qpos);
+    int_vec_free(&pad);
+    Py_XDECREF(q_keep);
+    Py_XDECREF(k_keep);
+    return result;
+}
+
+static PyObject *pol_attn_scores(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return attn_impl(module, args, kwargs, 0);
+}
+
+static PyObject *pol_attn_scores_scalar(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return attn_impl(module, args, kwargs, 1);
+}
+
+/* ------------------------------------------------------------------------------------- redundancy */
+
+static PyObject *redundancy_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar) {
+    static char *kwlist[] = {"keys", "padding", "threshold", "stream", NULL};
+    PyObject *k_obj, *pad_obj = Py_None, *stream_obj = Py_None;
+    double threshold = 0.5;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OdO:redundancy", kwlist, &k_obj, &pad_obj, &threshold,
+                                     &stream_obj))
+        return NULL;
+    if (isnan(threshold)) {
+        PyErr_SetString(PyExc_ValueError, "threshold: expected a number, got nan");
+        return NULL;
+    }
+    intptr_t stream;
+    if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
+    PyObject *k_keep = NULL, *result = NULL;
+    int_vec pad;
+    memset(&pad, 0, sizeof pad);
+    pol_out o;
+    memset(&o, 0, sizeof o);
+    rpc_tensor k;
+    rpc_module_state *st = rpc_get_state(module);
+    if (rpc_from_dlpack(k_obj, "keys", stream, &k, &k_keep) < 0) goto done;
+    if (rpc_check_ndim_dtype(&k, "keys", 4, -1) < 0 || pol_check_float(&k, "keys") < 0 ||
+        rpc_check_no_negative_strides(&k, "keys") < 0 || pol_sizes_fit(k.shape, 4, "keys") < 0)
+        goto done;
+    if (k.shape[3] < 1) {
+        char shp[128];
+        pol_format_shape(shp, sizeof shp, &k);
+        PyErr_Format(PyExc_ValueError, "keys: expected head_dim >= 1, got shape %s", shp);
+        goto done;
+    }
+    if (scalar && k.device_type != RPC_DEV_CPU) {
+        PyErr_SetString(PyExc_ValueError, "keys: the scalar reference kernel runs on cpu only");
+        goto done;
+    }
+    if (k.device_type == RPC_DEV_CUDA && pol_cuda_usable(k.device_id, "keys") < 0) goto done;
+    if (int_vec_parse(pad_obj, "padding", k.shape[0], 1, st, k.device_type, k.device_id, stream, &pad) < 0) goto done;
+    rpc_redundancy_params p;
+    memset(&p, 0, sizeof p);
+    p.k = k.data;
+    p.dtype = k.dtype;
+    p.B = k.shape[0];
+    p.Hkv = k.shape[1];
+    p.L = k.shape[2];
+    p.D = k.shape[3];
+    memcpy(p.k_stride, k.strides, sizeof p.k_stride);
+    p.padding = pad.kernel;
+    p.threshold = threshold;
+    const int64_t oshape[3] = {p.B, p.Hkv, p.L};
+    if (pol_out_alloc(st, k.device_type, k.device_id, (size_t)(p.B * p.Hkv * p.L), stream, &o) < 0) goto done;
+    p.out = o.host ? o.host : o.dev;
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    const int dev = k.device_id;
+    if (k.device_type == RPC_DEV_CPU) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = scalar ? rpc_cpu_redundancy_scalar(&p, err) : rpc_cpu_redundancy(&p, err);
+        Py_END_ALLOW_THREADS
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = rpc_cuda_redundancy(dev, &p, (void *)stream, err);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    result = pol_wrap(st, &o, k.device_type, dev, 0, 3, oshape);
+done:
+    pol_out_free(&o);
+    int_vec_free(&pad);
+    Py_XDECREF(k_keep);
+    return result;
+}
+
+static PyObject *pol_redundancy(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return redundancy_impl(module, args, kwargs, 0);
+}
+
+static PyObject *pol_redundancy_scalar(PyObject *module, PyObject *args, PyObject *kwargs) {
+    return redundancy_impl(module, args, kwargs, 1);
+}
+
+/* ------------------------------------------------------------------------------------ fill_scores */
+
+/* Any Python int, reduced mod 2^64 (the oracle's `& (2**64 - 1)`). */
+static int pol_u64(PyObject *obj, const char *argname, uint64_t *out) {
+    if (PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an int, got bool", argname);
+        return -1;
+    }
+    PyObject *idx = PyNumber_Index(obj);
+    if (!idx) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", argname, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLongMask(idx);
+    Py_DECREF(idx);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* "cpu", "cuda" (device 0) or "cuda:N". */
+static int pol_parse_device(PyObject *obj, rpc_device_type *dt, int *dev_id) {
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "device: expected 'cpu', 'cuda' or 'cuda:N', got %s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *s = PyUnicode_AsUTF8(obj);
+    if (!s) return -1;
+    if (strcmp(s, "cpu") == 0) {
+        *dt = RPC_DEV_CPU;
+        *dev_id = 0;
+        return 0;
+    }
+    if (strcmp(s, "cuda") == 0) {
+        *dt = RPC_DEV_CUDA;
+        *dev_id = 0;
+        return 0;
+    }
+    if (strncmp(s, "cuda:", 5) == 0 && s[5] >= '0' && s[5] <= '9' && strlen(s) <= 9) {
+        char *endp = NULL;
+        long id = strtol(s + 5, &endp, 10);
+        if (endp && *endp == '\0') {
+            *dt = RPC_DEV_CUDA;
+            *dev_id = (int)id;
+            return 0;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "device: expected 'cpu', 'cuda' or 'cuda:N', got '%s'", s);
+    return -1;
+}
+
+static PyObject *pol_fill_scores(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"kind", "batch", "rows", "n", "seed", "layer", "compression", "device", "stream", NULL};
+    const char *kind_name;
+    long long batch, rows, n;
+    PyObject *seed_obj = NULL, *layer_obj = NULL, *comp_obj = NULL, *device_obj = NULL, *stream_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLL|$OOOOO:fill_scores", kwlist, &kind_name, &batch, &rows, &n,
+                                     &seed_obj, &layer_obj, &comp_obj, &device_obj, &stream_obj))
+        return NULL;
+    static const char *const KIND_NAMES[] = {"recent", "random"};
+    int kind;
+    if (pol_choice(kind_name, "kind", KIND_NAMES, 2, &kind) < 0) return NULL;
+    rpc_fill_params p;
+    memset(&p, 0, sizeof p);
+    if ((seed_obj && pol_u64(seed_obj, "seed", &p.seed) < 0) || (layer_obj && pol_u64(layer_obj, "layer", &p.layer) < 0) ||
+        (comp_obj && pol_u64(comp_obj, "compression", &p.compression) < 0))
+        return NULL;
+    rpc_device_type dt = RPC_DEV_CPU;
+    int dev_id = 0;
+    if (device_obj && pol_parse_device(device_obj, &dt, &dev_id) < 0) return NULL;
+    intptr_t stream;
+    if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
+    if (batch < 0 || rows < 0 || n < 0) {
+        PyErr_Format(PyExc_ValueError, "batch, rows, n: expected ints >= 0, got %lld, %lld, %lld", batch, rows, n);
+        return NULL;
+    }
+    const int64_t shape[3] = {batch, rows, n};
+    if (pol_sizes_fit(shape, 3, "batch, rows, n") < 0) return NULL;
+    if (kind == RPC_FILL_RECENT && n > ((int64_t)1 << 24)) {
+        PyErr_Format(PyExc_ValueError, "n: expected <= 16777216 for kind='recent' (offsets exact in float32), got %lld",
+                     n);
+        return NULL;
+    }
+    if (dt == RPC_DEV_CUDA && pol_cuda_usable(dev_id, "device") < 0) return NULL;
+    p.kind = (rpc_fill_kind)kind;
+    p.batch = batch;
+    p.rows = rows;
+    p.n = n;
+    rpc_module_state *st = rpc_get_state(module);
+    pol_out o;
+    PyObject *result = NULL;
+    if (pol_out_alloc(st, dt, dev_id, (size_t)(batch * rows * n), stream, &o) < 0) return NULL;
+    p.out = o.host ? o.host : o.dev;
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dt == RPC_DEV_CPU ? rpc_cpu_fill_scores(&p, err) : rpc_cuda_fill_scores(dev_id, &p, (void *)stream, err);
+    Py_END_ALLOW_THREADS
+    if (rc != RPC_OK)
+        rpc_raise_status(rc, err);
+    else
+        result = pol_wrap(st, &o, dt, dev_id, 0, 3, shape);
+    pol_out_free(&o);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------ _accumulate */
+
+static PyObject *pol_accumulate(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"q", "keys", "acc", "padding", "scale", "stream", "reference", NULL};
+    PyObject *q_obj, *k_obj, *a_obj, *pad_obj = Py_None, *scale_obj = Py_None, *stream_obj = Py_None;
+    int reference = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO|$OOOp:_accumulate", kwlist, &q_obj, &k_obj, &a_obj, &pad_obj,
+                                     &scale_obj, &stream_obj, &reference))
+        return NULL;
+    intptr_t stream;
+    if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
+    PyObject *q_keep = NULL, *k_keep = NULL, *a_keep = NULL, *result = NULL;
+    int_vec pad;
+    memset(&pad, 0, sizeof pad);
+    rpc_tensor q, k, a;
+    rpc_module_state *st = rpc_get_state(module);
+    if (rpc_from_dlpack(q_obj, "queries", stream, &q, &q_keep) < 0 || rpc_from_dlpack(k_obj, "keys", stream, &k, &k_keep) < 0 ||
+        rpc_from_dlpack(a_obj, "acc", stream, &a, &a_keep) < 0)
+        goto done;
+    if (check_qk(&q, &k) < 0) goto done;
+    if (q.shape[2] != 1) {
+        PyErr_Format(PyExc_ValueError, "queries: expected one query per head (shape [B, Hq, 1, D]), got %lld queries",
+                     (long long)q.shape[2]);
+        goto done;
+    }
+    if (rpc_check_ndim_dtype(&a, "acc", 3, RPC_F32) < 0 || pol_same_device(&q, "queries", &a, "acc") < 0 ||
+        rpc_check_no_negative_strides(&a, "acc") < 0 || rpc_check_writable(&a, "acc") < 0)
+        goto done;
+    if (a.shape[0] != k.shape[0] || a.shape[1] != k.shape[1] || a.shape[2] != k.shape[2]) {
+        char got[96];
+        pol_format_shape(got, sizeof got, &a);
+        PyErr_Format(PyExc_ValueError, "acc: expected shape [%lld, %lld, %lld] (B, Hkv, L of keys), got %s",
+                     (long long)k.shape[0], (long long)k.shape[1], (long long)k.shape[2], got);
+        goto done;
+    }
+    for (int i = 0; i < 3; i++) {
+        if (a.shape[i] > 1 && a.strides[i] == 0) {
+            PyErr_Format(PyExc_ValueError, "acc: expected a tensor without zero strides (it is written), got stride 0 "
+                         "in dimension %d", i);
+            goto done;
+        }
+    }
+    if (reference && q.device_type != RPC_DEV_CPU) {
+        PyErr_SetString(PyExc_ValueError, "reference: the scalar reference runs on cpu only");
+        goto done;
+    }
+    if (q.device_type == RPC_DEV_CUDA && pol_cuda_usable(q.device_id, "queries") < 0) goto done;
+    if (int_vec_parse(pad_obj, "padding", q.shape[0], 1, st, q.device_type, q.device_id, stream, &pad) < 0) goto done;
+    rpc_accumulate_params p;
+    memset(&p, 0, sizeof p);
+    p.q = q.data;
+    p.k = k.data;
+    p.dtype = q.dtype;
+    p.B = q.shape[0];
+    p.Hq = q.shape[1];
+    p.Hkv = k.shape[1];
+    p.D = q.shape[3];
+    p.length = k.shape[2];
+    memcpy(p.q_stride, q.strides, sizeof p.q_stride);
+    memcpy(p.k_stride, k.strides, sizeof p.k_stride);
+    p.padding = pad.kernel;
+    if (pol_scale(scale_obj, p.D, &p.scale) < 0) goto done;
+    p.acc = (float *)a.data;
+    memcpy(p.acc_stride, a.strides, sizeof p.acc_stride);
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    if (q.device_type == RPC_DEV_CPU)
+        rc = reference ? rpc_cpu_accumulate_scalar(&p, err) : rpc_cpu_accumulate(&p, err);
+    else
+        rc = rpc_cuda_accumulate(q.device_id, &p, (void *)stream, err);
+    Py_END_ALLOW_THREADS
+    if (rc != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    int_vec_free(&pad);
+    Py_XDECREF(q_keep);
+    Py_XDECREF(k_keep);
+    Py_XDECREF(a_keep);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------- registration */
+
+#define KWFN(f) (PyCFunction)(void (*)(void))(f)
+
+static PyMethodDef policy_methods[] = {
+    {"attn_scores", KWFN(pol_attn_scores), METH_VARARGS | METH_KEYWORDS,
+     "attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm='candidates',\n"
+     "            gqa='mean_probs', query_reduce='sum', aggregation='all', pooling='avg', kernel_size=1,\n"
+     "            scale=None, stream=None, raw=False)\n--\n\n"
+     "Window-attention scores of the candidates keys[:, :, start:end] (rpc_py.policy_reference.\n"
+     "window_attention_reference): float32 [B, A, N], A = 1 ('all') or Hkv ('group'); with raw=True a tuple\n"
+     "(pooled, unpooled). norm: 'candidates' | 'past' | 'causal' (needs query_positions, one key position\n"
+     "per query); gqa: 'mean_probs' | 'max_logits'; query_reduce: 'sum' | 'mean'. padding: left-padding count\n"
+     "per sequence. query_positions / padding: sequences of ints or int64 tensors."},
+    {"_attn_scores_scalar", KWFN(pol_attn_scores_scalar), METH_VARARGS | METH_KEYWORDS,
+     "Same as attn_scores, computed by the plain C reference kernel (CPU only; for tests)."},
+    {"redundancy", KWFN(pol_redundancy), METH_VARARGS | METH_KEYWORDS,
+     "redundancy(keys, *, padding=None, threshold=0.5, stream=None)\n--\n\n"
+     "R-KV key redundancy [B, Hkv, L] float32 (rpc_py.policy_reference.redundancy_reference): per sequence\n"
+     "and KV head, over the valid keys [padding[b], L); 0 at padded positions."},
+    {"_redundancy_scalar", KWFN(pol_redundancy_scalar), METH_VARARGS | METH_KEYWORDS,
+     "Same as redundancy, computed by the plain C reference kernel (CPU only; for tests)."},
+    {"fill_scores", KWFN(pol_fill_scores), METH_VARARGS | METH_KEYWORDS,
+     "fill_scores(kind, batch, rows, n, *, seed=0, layer=0, compression=0, device='cpu', stream=None)\n--\n\n"
+     "Data-free scores [batch, rows, n] float32: kind 'recent' (score j: the newest win) or 'random' (the\n"
+     "counter hash of rpc_py.policy_reference.random_uniform_reference, row = b * rows + a; identical on\n"
+     "every device). NumPy on 'cpu', a View on 'cuda' / 'cuda:N'."},
+    {"_accumulate", KWFN(pol_accumulate), METH_VARARGS | METH_KEYWORDS,
+     "_accumulate(q, keys, acc, *, padding=None, scale=None, stream=None, reference=False)\n--\n\n"
+     "H2O's step kernel on raw tensors (tests; KVCache.accumulate is the API): acc [B, Hkv, L] float32 +=\n"
+     "the attention of q [B, Hq, 1, D] over keys [padding[b], L), summed over each KV head's query heads."},
+    {NULL, NULL, 0, NULL},
+};
+
+int rpc_policy_register(PyObject *module) {
+    return PyModule_AddFunctions(module, policy_methods);
+}
