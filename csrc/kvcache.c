@@ -1551,6 +1551,8 @@ static PyObject *kvcache_accumulate(PyObject *op, PyObject *args, PyObject *kwar
     if (scale_obj != Py_None) {
         scale = PyFloat_AsDouble(scale_obj);
         if (scale == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "scale: expected a float, got %s", Py_TYPE(scale_obj)->tp_name);
             goto done;
         }
         if (!isfinite(scale) || fabs(scale) > 3.4e38) {

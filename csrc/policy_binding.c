@@ -86,12 +86,23 @@ static int pol_choice(const char *value, const char *argname, const char *const 
     return -1;
 }
 
+/* A Python real number as a double; TypeError naming the argument otherwise. */
+static int pol_float(PyObject *obj, const char *argname, double *out) {
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a float, got %s", argname, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* scale=None -> 1/sqrt(D); otherwise a finite float32 value. */
 static int pol_scale(PyObject *obj, int64_t D, float *out) {
     double scale = 1.0 / sqrt((double)D);
     if (obj != Py_None) {
-        scale = PyFloat_AsDouble(obj);
-        if (scale == -1.0 && PyErr_Occurred()) return -1;
+        if (pol_float(obj, "scale", &scale) < 0) return -1;
         if (!isfinite(scale) || fabs(scale) > FLT_MAX) {
             PyErr_Format(PyExc_ValueError, "scale: expected a finite float32 value, got %R", obj);
             return -1;
@@ -492,11 +503,12 @@ static PyObject *pol_attn_scores_scalar(PyObject *module, PyObject *args, PyObje
 
 static PyObject *redundancy_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar) {
     static char *kwlist[] = {"keys", "padding", "threshold", "stream", NULL};
-    PyObject *k_obj, *pad_obj = Py_None, *stream_obj = Py_None;
+    PyObject *k_obj, *pad_obj = Py_None, *thr_obj = NULL, *stream_obj = Py_None;
     double threshold = 0.5;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OdO:redundancy", kwlist, &k_obj, &pad_obj, &threshold,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOO:redundancy", kwlist, &k_obj, &pad_obj, &thr_obj,
                                      &stream_obj))
         return NULL;
+    if (thr_obj && pol_float(thr_obj, "threshold", &threshold) < 0) return NULL;
     if (isnan(threshold)) {
         PyErr_SetString(PyExc_ValueError, "threshold: expected a number, got nan");
         return NULL;
