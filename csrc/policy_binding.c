@@ -726,7 +726,8 @@ static PyObject *pol_accumulate(PyObject *module, PyObject *args, PyObject *kwar
                      (long long)k.shape[0], (long long)k.shape[1], (long long)k.shape[2], got);
         goto done;
     }
-    for (int i = 0; i < 3; i++) {
+    /* An empty accumulator is never written, and producers report arbitrary strides (torch: 0) for it. */
+    for (int i = 0; i < 3 && a.shape[0] * a.shape[1] * a.shape[2] > 0; i++) {
         if (a.shape[i] > 1 && a.strides[i] == 0) {
             PyErr_Format(PyExc_ValueError, "acc: expected a tensor without zero strides (it is written), got stride 0 "
                          "in dimension %d", i);

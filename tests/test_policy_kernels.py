@@ -322,7 +322,8 @@ def threshold_margin(k, padding, threshold):
         sim.diagonal(dim1=-2, dim2=-1).zero_()
         newest = (torch.arange(n) * (sim > threshold)).amax(dim=-1)
         decisive = torch.arange(n)[None, None, :] >= newest[:, :, None]
-        best = min(best, (sim - threshold).abs()[decisive].min().item())
+        gap = torch.nan_to_num((sim - threshold).abs(), nan=math.inf)  # a NaN head is NaN whatever happens
+        best = min(best, gap[decisive].min().item())
     return best
 
 
