@@ -21,7 +21,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-__all__ = ["Policy", "RPC", "Recent", "Random", "TOVA", "H2O", "SnapKV", "RKV", "POLICIES", "as_policy"]
+__all__ = ["Policy", "RPC", "Recent", "Random", "TOVA", "H2O", "SnapKV", "RKV", "POLICIES", "as_policy",
+           "ring_positions"]
 
 _AGGREGATIONS = ("all", "group")
 _POOLINGS = ("avg", "max")
@@ -211,6 +212,14 @@ def as_policy(value) -> Policy:
     raise TypeError(f"RPCConfig.policy: expected a policy name or object, got {type(value).__name__}")
 
 
+def ring_positions(head: int, window: int, length: int) -> list[int]:
+    """Cache position of the query held by each slot of a full query ring: slot ``head - 1`` (mod
+    ``window``) holds the newest query, whose own key is the last live position ``length - 1``; the
+    window's tokens are always kept together at the end of the cache, so the ``i``-th newest query's
+    key is at ``length - 1 - i``."""
+    return [length - 1 - ((head - 1 - s) % window) for s in range(window)]
+
+
 @dataclasses.dataclass
 class ScoreContext:
     """What a policy may look at during one compression of one layer (built by the cache)."""
@@ -259,9 +268,7 @@ class ScoreContext:
         count = kv.num_queries(self.layer)
         if count < self.window:
             raise RuntimeError(f"layer {self.layer}: {count} selector queries recorded, {self.window} needed")
-        head = kv.ring_position(self.layer)  # next slot to write: slot head - 1 holds the newest query
-        positions = [self.length - 1 - ((head - 1 - s) % self.window) for s in range(self.window)]
-        return ring, positions
+        return ring, ring_positions(kv.ring_position(self.layer), self.window, self.length)
 
     def newest_query(self):
         import torch

@@ -39,7 +39,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..config import RPCConfig
-from ..policies import RPC, ScoreContext
+from ..policies import RPC, ScoreContext, ring_positions
 from .layout import SlotPositions, physical_mask
 
 __all__ = ["RPCCache", "RPCCacheLayer", "CompressionEvent", "RPCStats"]
@@ -128,7 +128,8 @@ class CompressionEvent:
     ``keys``/``values`` are copies of the layer's live K/V right before the compression,
     ``queries`` the selector queries (the ring, ``[B, Hq, R, D]``, order inside irrelevant),
     ``indices`` the kept candidate offsets from ``start`` (``[B, A, keep]``), ``scores`` the pooled
-    scores ``[B, A, N]``.
+    scores ``[B, A, N]``, ``query_positions`` the cache position (the query's own key) of each ring
+    slot's query, and ``policy`` the selection policy's name.
     """
 
     layer: int
@@ -142,6 +143,8 @@ class CompressionEvent:
     queries: torch.Tensor
     scores: torch.Tensor
     indices: torch.Tensor
+    query_positions: list | None = None
+    policy: str = "rpc"
 
 
 @dataclasses.dataclass
@@ -188,7 +191,8 @@ class RPCStats:
             f"{self.generated} decode steps",
             f"  tokens per layer: seen {seen}, kept {kept} ({100.0 * self.kept_fraction:.1f}%)",
             f"  compressions: {self.total_compressions} "
-            f"({self.compressions[0] if layers else 0} per layer), {1e3 * self.compress_seconds:.2f} ms",
+            f"({self.compressions[0] if layers else 0} per layer), {1e3 * self.compress_seconds:.2f} ms, "
+            f"selection policy {self.rpc.policy_name}",
             f"  KV memory: {_fmt_bytes(self.live_kv_bytes)} live, {_fmt_bytes(self.kv_bytes)} allocated, "
             f"peak {_fmt_bytes(self.peak_kv_bytes)}",
         ]
@@ -400,7 +404,10 @@ class RPCCacheLayer(CacheLayerMixin):
         length_before = self.length
         if hook is not None:
             k_before, v_before = (t.clone() for t in self._views())
-            queries = torch.from_dlpack(kv.queries(i)).clone() if rpc.policy.uses_queries else None
+            queries = positions = None
+            if rpc.policy.uses_queries:
+                queries = torch.from_dlpack(kv.queries(i)).clone()
+                positions = ring_positions(kv.ring_position(i), rpc.window, self.length)
         timer = cache._timer_start(self.device)
         if isinstance(rpc.policy, RPC):
             new_length, scores, indices = kv.compress(
@@ -441,6 +448,8 @@ class RPCCacheLayer(CacheLayerMixin):
                     queries=queries,
                     scores=scores.clone(),
                     indices=indices.clone(),
+                    query_positions=positions,
+                    policy=rpc.policy.name,
                 )
             )
 
