@@ -59,8 +59,13 @@ def _run(defs, tape, n, body, asked, override=None):
     values = []
     for t in range(n):
         env["x"] = tape[t]
-        for target, _, a, op, b in body:
-            env[target] = eval(f"({env[a]} {op} {env[b]}) % 10")
+        for stmt in body:
+            if len(stmt) == 3:  # a copy: "t = k"
+                target, _, a = stmt
+                env[target] = env[a]
+            else:
+                target, _, a, op, b = stmt
+                env[target] = eval(f"({env[a]} {op} {env[b]}) % 10")
             values.append((target, env[target]))
     return consts, values, env
 
@@ -89,7 +94,7 @@ def test_trace_length_formula_and_for_length():
         spec = TaskSpec(iterations=(1, 30), constants=1 + seed % 3, registers=1 + seed % 2, statements=3 + seed % 2)
         p = make_problem(seed, spec)
         assert p.trace_tokens == len(p.trace.split()) + 1
-        lower = 9 * spec.constants + p.iterations * (4 + 10 * spec.statements) + 4
+        lower = 9 * spec.constants + p.iterations * (4 + 7 * spec.statements) + 4  # all copies
         assert lower <= p.trace_tokens <= trace_length(spec, p.iterations)
     for tokens in (300, 1000, 3000):
         spec = TaskSpec.for_length(tokens)
@@ -111,7 +116,7 @@ def test_answer_depends_on_every_constant_and_registers_follow_input():
             changed = sum(_run(defs, tape, n, body, asked, {name: v})[2][asked] != env[asked]
                           for v in range(1, 10) if v != value)
             assert changed >= 6, (seed, name, changed)
-        for reg in {t for t, *_ in body}:
+        for reg in {stmt[0] for stmt in body}:
             trajectories = set()
             for first in range(10):
                 _, vals, _ = _run(defs, [first] + tape[1:], n, body, asked)

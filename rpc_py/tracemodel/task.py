@@ -7,8 +7,8 @@ prompt, which RPC never compresses), buried in a long trace that is mostly dead 
 
 * the prompt is a program: constants defined by a chain of arithmetic (``k = 7 + 6 ; m = k * 3``),
   state registers with initial values (``b 4 ; c 0``), an input tape of numbered digits
-  (``input #1 4 #2 0 #3 7 ...``) and a loop body of assignments that update the registers from the
-  registers, the current input digit ``x`` and the constants (``b = x + k ; c = c - m ; ...``);
+  (``input #1 4 #2 0 #3 7 ...``) and a loop body of assignments that combine the registers, the
+  current input digit ``x`` and the constants (``b = x + k ; c = c - m ; b = c + x ; c = m``);
 * the trace first evaluates the constants once (``k = 7 + 6 : k 3 ; m = k * 3 : m 9 ;``), the only
   place their values are written, then runs the loop, one line per iteration: the iteration number
   and its input digit, then every assignment with the current values of the registers it reads
@@ -24,8 +24,8 @@ prompt, which RPC never compresses), buried in a long trace that is mostly dead 
 * the answer is the final value of one register, so one misread constant anywhere spoils it.
 
 All arithmetic is modulo 10 (values are digits); a random guess is right 10% of the time. A loop
-line has ``4 + 10`` or ``4 + 11`` tokens per assignment (reading a constant or not), so the number
-of iterations tunes the trace from ~100 to several thousand tokens (``trace_length``,
+line has 4 tokens plus 7 to 11 per assignment, so the number of iterations tunes the trace from
+~100 to several thousand tokens (``trace_length``,
 ``TaskSpec.for_length``). Everything is plain Python and deterministic given a seed:
 ``make_problem(seed, spec)``.
 """
@@ -53,6 +53,7 @@ INPUT = "x"  # the register that holds the current input digit
 REGISTER_NAMES = tuple("abcdefghjkmnpqrstuvwyz")  # no i, l, o (they read like digits); x is the input
 OPS = ("+", "-", "*")
 BODY_OPS = ("+", "-")  # bijective in each operand: no state collapses to a fixed point
+COPY_PROBABILITY = 0.3  # share of body statements that copy a constant (t = k)
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
 KEYWORDS = ("=", ";", ":", "loop", "input", "?", "answer", "trace", INPUT)
 # Digits are values; iteration numbers are words of their own (``#1`` .. ``#400``), so that an
@@ -101,8 +102,8 @@ class TaskSpec:
 
 def trace_length(spec: TaskSpec, iterations: int) -> int:
     """Most tokens the model generates for a problem of ``spec`` with ``iterations`` iterations
-    (``</s>`` included): the count when every statement reads two registers; a statement that reads
-    a constant is one token shorter (``Problem.trace_tokens`` is the exact count)."""
+    (``</s>`` included): the count when every statement reads two registers (``t = r 5 + q 2 : t 7 ;``,
+    11 tokens; one that reads a constant has 10, a copy 7; ``Problem.trace_tokens`` is exact)."""
     return 9 * spec.constants + iterations * (4 + 11 * spec.statements) + 3 + 1
 
 
@@ -134,12 +135,19 @@ def _apply(op: str, x: int, y: int) -> int:
     return (x * y) % 10
 
 
+def _eval(stmt, values: dict) -> int:
+    """Value of one statement: ``(target, a, op, b)`` is ``target = a op b``; ``op`` None is the copy
+    ``target = a``."""
+    _, a, op, b = stmt
+    return values[a] if op is None else _apply(op, values[a], values[b])
+
+
 def _run(body, values: dict, tape) -> dict:
     values = dict(values)
     for d in tape:
         values[INPUT] = d
-        for target, a, op, b in body:
-            values[target] = _apply(op, values[a], values[b])
+        for stmt in body:
+            values[stmt[0]] = _eval(stmt, values)
     return values
 
 
@@ -148,9 +156,9 @@ def _trajectories(body, values: dict, tape) -> dict:
     seen: dict = {}
     for d in tape:
         values[INPUT] = d
-        for target, a, op, b in body:
-            values[target] = _apply(op, values[a], values[b])
-            seen.setdefault(target, []).append(values[target])
+        for stmt in body:
+            values[stmt[0]] = _eval(stmt, values)
+            seen.setdefault(stmt[0], []).append(values[stmt[0]])
     return seen
 
 
@@ -202,26 +210,31 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
     for t, d in enumerate(tape, 1):
         prompt += [f"#{t}", str(d)]
     prompt += [";"]
-    # Loop body: statement s writes register s (then random ones); one operand is a register or the
-    # input, the other a constant (the first statements cover every constant; later ones may read a
-    # register instead). Drawn again until every register follows the input (no periodic register
-    # that could be continued by copying older lines) and the answer depends on every constant.
+    # Loop body: statement s writes register s (then random ones). The first statements each read
+    # one constant (every constant is used), as ``t = r op k`` (r a register or the input) or, with
+    # probability ``COPY_PROBABILITY``, as the copy ``t = k``; later ones read two registers
+    # (``t = r op q``) or a constant. Drawn again until every register follows the input (no
+    # periodic register that a model could continue by copying its older lines) and reading any
+    # constant wrongly changes the answer.
     asked = rng.choice(regs)
+    sources = regs + [INPUT]
     while True:
         body = []
         for s in range(spec.statements):
             target = regs[s] if s < len(regs) else rng.choice(regs)
-            left = rng.choice(regs + [INPUT])
-            right = consts[s] if s < len(consts) else rng.choice(consts + regs)
-            op = rng.choice(BODY_OPS)
-            if rng.random() < 0.5 and op == "+":
-                left, right = right, left
-            body.append((target, left, op, right))
+            if s < len(consts) or rng.random() < 0.5:
+                const = consts[s] if s < len(consts) else rng.choice(consts)
+                if rng.random() < COPY_PROBABILITY:
+                    body.append((target, const, None, None))
+                else:
+                    body.append((target, rng.choice(sources), rng.choice(BODY_OPS), const))
+            else:
+                body.append((target, rng.choice(sources), rng.choice(BODY_OPS), rng.choice(sources)))
         if _is_live(body, regs, consts, values, tape, asked):
             break
     prompt += ["loop", f"#{iterations}", ":"]
     for target, a, op, b in body:
-        prompt += [target, "=", a, op, b, ";"]
+        prompt += [target, "=", a] + ([] if op is None else [op, b]) + [";"]
     prompt += ["?", asked, "trace"]
 
     values = dict(values)
@@ -231,10 +244,15 @@ def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
     for t, d in enumerate(tape, 1):
         values[INPUT] = d
         trace += [f"#{t}", INPUT, str(d), ":"]
-        for target, a, op, b in body:
-            operands = [[a] if a in consts else [a, str(values[a])], [op], [b] if b in consts else [b, str(values[b])]]
-            values[target] = _apply(op, values[a], values[b])
-            trace += [target, "="] + sum(operands, []) + [":", target, str(values[target]), ";"]
+        for stmt in body:
+            target, a, op, b = stmt
+            # Registers and the input are restated with their values; constants never are.
+            def operand(name):
+                return [name] if name in consts else [name, str(values[name])]
+
+            expr = operand(a) if op is None else operand(a) + [op] + operand(b)
+            values[target] = _eval(stmt, values)
+            trace += [target, "="] + expr + [":", target, str(values[target]), ";"]
     answer = str(values[asked])
     trace += ["answer", ":", answer]
     return Problem(seed=seed, prompt=" ".join(prompt), trace=" ".join(trace), answer=answer, iterations=iterations)
