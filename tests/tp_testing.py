@@ -1,8 +1,8 @@
 """Launcher and scenarios of the tensor-parallel tests (tests/test_tensor_parallel.py).
 
 ``launch`` starts ``world`` processes (torch.multiprocessing, spawn) that form a gloo group with a short
-timeout (file rendezvous, no port to pick), load each saved tiny model with transformers'
-``tp_plan="auto"`` and run every scenario of ``SCENARIOS`` through rpc_py, then the error scenarios
+timeout (file rendezvous, no port to pick), load each saved tiny model with transformers' tensor
+parallelism (``tp_plan="auto"``) and run every scenario of ``SCENARIOS`` through rpc_py, then the error scenarios
 (ranks given different RPC settings; one rank failing mid-generation). Each result goes back through a
 queue as plain Python data. ``run_scenario`` is the same code in one process on the unsharded model,
 so the test compares like with like. Everything is float32 on CPU, greedy, no EOS.
@@ -46,12 +46,23 @@ def save_tiny_model(arch: str, path: str, seed: int = 0) -> None:
     model.save_pretrained(path)
 
 
+def _tp_kwargs() -> dict:
+    """``from_pretrained`` arguments for transformers' tensor parallelism: ``DistributedConfig(tp_plan=...)``
+    where it takes one (5.1x onwards), else the older ``tp_plan=`` keyword."""
+    import inspect
+
+    config_cls = getattr(transformers, "DistributedConfig", None)
+    if config_cls is not None and "tp_plan" in inspect.signature(config_cls).parameters:
+        return dict(distributed_config=config_cls(tp_plan="auto"))
+    return dict(tp_plan="auto")
+
+
 def load(path: str, tp: bool):
+    transformers.utils.logging.disable_progress_bar()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tp_plan= is being moved into DistributedConfig (FutureWarning)
-        kwargs = dict(tp_plan="auto") if tp else {}
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                  attn_implementation="sdpa", **kwargs)
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                                  **(_tp_kwargs() if tp else {}))
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None
