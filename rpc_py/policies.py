@@ -13,6 +13,12 @@ A policy is a small frozen dataclass: ``RPCConfig(policy="snapkv")`` uses the de
 fused RPC kernel (``KVCache.compress``), unchanged. The others compute scores with the kernels of
 ``rpc_py._C`` (``attn_scores``, ``redundancy``, ``fill_scores``, H2O's accumulators) and then call
 ``select`` and ``KVCache.compact``. Their float64 oracle is ``rpc_py.policy_reference``.
+
+Under tensor parallelism (``rpc_py.hf.parallel``) a process holds some of the heads. Every score that
+averages over heads for one kept set per sequence (``aggregation="all"``) goes through
+``ScoreContext.head_mean``: the sum over this process's heads, before pooling, is added over the ranks
+(one all-reduce), divided by the model's head count, then pooled (``pool_scores``). Per-KV-head scores
+need no communication; ``random`` hashes the model-wide KV head index.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 __all__ = ["Policy", "RPC", "Recent", "Random", "TOVA", "H2O", "SnapKV", "RKV", "POLICIES", "as_policy",
-           "ring_positions"]
+           "ring_positions", "pool_scores"]
 
 _AGGREGATIONS = ("all", "group")
 _POOLINGS = ("avg", "max")
@@ -94,7 +100,7 @@ class Random(Policy):
         _check_choice("Random", "aggregation", self.aggregation, _AGGREGATIONS)
 
     def scores(self, ctx):
-        return ctx.fill("random", self.rows(ctx.kv_heads), seed=self.seed)
+        return ctx.fill("random", self.rows(ctx.kv_heads), seed=self.seed, per_kv_head=self.aggregation == "group")
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ class H2O(Policy):
     def scores(self, ctx):
         acc = ctx.accumulator()[:, :, ctx.start : ctx.end]  # [B, Hkv, N], sums over each KV head's G heads
         if self.aggregation == "all":
-            return (acc.sum(dim=1, keepdim=True) / ctx.q_heads).contiguous()
+            return ctx.head_mean(acc.sum(dim=1, keepdim=True), ctx.total_q_heads).contiguous()
         return (acc / (ctx.q_heads // ctx.kv_heads)).contiguous()
 
 
@@ -191,7 +197,10 @@ class RKV(Policy):
         redundancy = ctx.redundancy(self.threshold)[:, :, ctx.start : ctx.end]
         mixed = self.mix_lambda * importance - (1.0 - self.mix_lambda) * redundancy
         if self.aggregation == "all":
-            mixed = mixed.mean(dim=1, keepdim=True)
+            if ctx.tp is None:
+                mixed = mixed.mean(dim=1, keepdim=True)
+            else:
+                mixed = ctx.head_mean(mixed.sum(dim=1, keepdim=True), ctx.total_kv_heads)
         return mixed.contiguous()
 
 
@@ -220,9 +229,34 @@ def ring_positions(head: int, window: int, length: int) -> list[int]:
     return [length - 1 - ((head - 1 - s) % window) for s in range(window)]
 
 
+def pool_scores(scores, pooling: str, kernel_size: int):
+    """RPC's pooling of float32 scores ``[B, A, N]`` along the candidates (stride 1, padding
+    ``kernel_size // 2``; ``avg`` counts the zero padding, ``max`` ignores it and propagates NaN), summed
+    in float64 and rounded once to float32 as the CPU kernels do. Used where scores are pooled after a
+    tensor-parallel reduction; the single-process paths pool inside the kernels."""
+    if kernel_size == 1:
+        return scores
+    import torch
+    import torch.nn.functional as F
+
+    B, A, N = scores.shape
+    x = scores.reshape(B * A, 1, N).to(dtype=torch.float64)
+    pad = kernel_size // 2
+    if pooling == "avg":
+        y = F.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=True)
+    elif pooling == "max":
+        y = F.max_pool1d(x, kernel_size, stride=1, padding=pad)  # pads with -inf: padding never wins
+    else:
+        raise ValueError(f"pooling: expected 'avg' or 'max', got {pooling!r}")
+    return y.reshape(B, A, N).float()
+
+
 @dataclasses.dataclass
 class ScoreContext:
-    """What a policy may look at during one compression of one layer (built by the cache)."""
+    """What a policy may look at during one compression of one layer (built by the cache).
+
+    ``q_heads``/``kv_heads`` are the heads this process holds; under tensor parallelism ``tp`` (a
+    ``rpc_py.hf.parallel.TensorParallel``) gives the model's counts and this rank's share."""
 
     kvcache: object  # rpc_py._C.KVCache
     layer: int
@@ -237,10 +271,33 @@ class ScoreContext:
     padding: list  # left-padding per sequence
     keys: object  # torch view [B, Hkv, L, D]
     stream: object = None
+    tp: object = None  # TensorParallel, or None in a single process
 
     @property
     def n(self) -> int:
         return self.end - self.start
+
+    @property
+    def total_q_heads(self) -> int:
+        """Query heads of the model (all tensor-parallel ranks together)."""
+        return self.q_heads if self.tp is None else self.tp.q_heads
+
+    @property
+    def total_kv_heads(self) -> int:
+        return self.kv_heads if self.tp is None else self.tp.kv_heads
+
+    def head_mean(self, local_sum, heads: int):
+        """The mean over the model's ``heads`` heads of scores summed over this process's heads
+        (float32 ``[B, 1, N]``): under tensor parallelism the ranks' sums are added first (one
+        all-reduce on the model's tensor-parallel group), so every rank gets the same result."""
+        import torch
+
+        if self.tp is not None:
+            local_sum = self.tp.all_reduce_sum(
+                local_sum.to(dtype=torch.float32).contiguous(),
+                f"the all-reduce of layer {self.layer}'s scores (compression {self.compression + 1})",
+            )
+        return local_sum / heads
 
     def _torch(self, x):
         import torch
@@ -251,13 +308,22 @@ class ScoreContext:
             return torch.from_dlpack(x)
         return torch.as_tensor(x)
 
-    def fill(self, kind: str, rows: int, *, seed: int = 0):
+    def fill(self, kind: str, rows: int, *, seed: int = 0, per_kv_head: bool = False):
+        """``_C.fill_scores`` over ``rows`` rows; ``per_kv_head``: one row per KV head, numbered by the
+        model-wide KV head index (so a tensor-parallel rank draws its heads' rows of the single-process
+        draw)."""
         from . import _C
 
         device = "cpu" if self.keys.device.type == "cpu" else f"cuda:{self.keys.device.index or 0}"
-        out = _C.fill_scores(kind, self.batch, rows, self.n, seed=seed, layer=self.layer,
-                             compression=self.compression, device=device, stream=self.stream)
-        return self._torch(out)
+        sharded = per_kv_head and self.tp is not None
+        if sharded:
+            rows = self.tp.kv_heads
+        out = self._torch(_C.fill_scores(kind, self.batch, rows, self.n, seed=seed, layer=self.layer,
+                                         compression=self.compression, device=device, stream=self.stream))
+        if sharded:  # this rank's KV heads' rows of the model-wide draw
+            offset = self.tp.kv_head_offset
+            out = out[:, offset : offset + self.kv_heads].contiguous()
+        return out
 
     def window_queries(self):
         """The ring ``[B, Hq, R, D]`` (slot order) and each slot's key position."""
@@ -284,10 +350,33 @@ class ScoreContext:
                   pooling="avg", kernel_size=1):
         from . import _C
 
-        out = _C.attn_scores(queries, self.keys, self.start, self.end, query_positions=positions,
-                             padding=self.padding, norm=norm, gqa=gqa, query_reduce=query_reduce,
-                             aggregation=aggregation, pooling=pooling, kernel_size=kernel_size, stream=self.stream)
-        return self._torch(out)
+        common = dict(query_positions=positions, padding=self.padding, norm=norm, gqa=gqa,
+                      query_reduce=query_reduce, stream=self.stream)
+        if self.tp is None or aggregation == "group":
+            out = _C.attn_scores(queries, self.keys, self.start, self.end, aggregation=aggregation,
+                                 pooling=pooling, kernel_size=kernel_size, **common)
+            return self._torch(out)
+        # All heads of all ranks: this rank's mean (unpooled) times its head count is its sum.
+        mean = self._torch(_C.attn_scores(queries, self.keys, self.start, self.end, aggregation="all",
+                                          pooling="avg", kernel_size=1, **common))
+        local, total = ((self.q_heads, self.total_q_heads) if gqa == "mean_probs"
+                        else (self.kv_heads, self.total_kv_heads))  # "max_logits" averages KV heads
+        return pool_scores(self.head_mean(mean * local, total), pooling, kernel_size)
+
+    def rpc_scores(self, aggregation: str, pooling: str, kernel_size: int):
+        """RPC's scores (``_C.score``) of the ring's queries; under tensor parallelism with
+        ``aggregation="all"`` the ranks' head sums are reduced before pooling (``head_mean``). The
+        single-process cache runs the fused ``KVCache.compress`` instead."""
+        from . import _C
+
+        queries, _ = self.window_queries()
+        if self.tp is None or aggregation == "group":
+            out = _C.score(queries, self.keys, self.start, self.end, aggregation=aggregation, pooling=pooling,
+                           kernel_size=kernel_size, stream=self.stream)
+            return self._torch(out)
+        mean = self._torch(_C.score(queries, self.keys, self.start, self.end, aggregation="all", pooling="avg",
+                                    kernel_size=1, stream=self.stream))
+        return pool_scores(self.head_mean(mean * self.q_heads, self.total_q_heads), pooling, kernel_size)
 
     def redundancy(self, threshold: float):
         from . import _C

@@ -26,6 +26,9 @@ How the pieces meet:
 * Storage grows geometrically (x2, at least 256 tokens) but never beyond ``max_capacity``, the
   schedule's peak that ``rpc_py.generate`` derives from ``max_new_tokens``; nothing is reserved for
   tokens that are never generated (early EOS).
+* Under tensor parallelism (a model sharded by transformers' ``tp_plan``) each process's cache holds
+  that process's heads; kept sets over all heads are agreed on with one all-reduce of the scores per
+  layer and compression (``rpc_py.hf.parallel``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..config import RPCConfig
 from ..policies import RPC, ScoreContext, ring_positions
 from .layout import SlotPositions, physical_mask
+from .parallel import TensorParallel, find_tensor_parallel
 
 __all__ = ["RPCCache", "RPCCacheLayer", "CompressionEvent", "RPCStats"]
 
@@ -158,6 +162,11 @@ class RPCStats:
     ``kv_bytes``/``peak_kv_bytes``: bytes allocated by the C cache (K, V and query rings) now and
     at most. ``live_kv_bytes``: bytes of the K/V tokens actually held. ``compress_seconds``: time
     spent compressing (device time via CUDA events on GPU, host time on CPU).
+
+    Under tensor parallelism every byte count is this process's (its share of the KV heads);
+    ``tp_size`` is the number of processes and ``tp_rank`` this one's index. Every rank holds the same
+    number of heads and tokens per layer, so ``total_kv_bytes`` & co. (``tp_size`` times this rank's)
+    are the counts of all ranks together.
     """
 
     rpc: RPCConfig
@@ -171,6 +180,21 @@ class RPCStats:
     peak_kv_bytes: int
     live_kv_bytes: int
     compress_seconds: float
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def total_kv_bytes(self) -> int:
+        """KV bytes allocated now by all tensor-parallel ranks together (= ``kv_bytes`` in one process)."""
+        return self.kv_bytes * self.tp_size
+
+    @property
+    def total_peak_kv_bytes(self) -> int:
+        return self.peak_kv_bytes * self.tp_size
+
+    @property
+    def total_live_kv_bytes(self) -> int:
+        return self.live_kv_bytes * self.tp_size
 
     @property
     def total_compressions(self) -> int:
@@ -196,6 +220,12 @@ class RPCStats:
             f"  KV memory: {_fmt_bytes(self.live_kv_bytes)} live, {_fmt_bytes(self.kv_bytes)} allocated, "
             f"peak {_fmt_bytes(self.peak_kv_bytes)}",
         ]
+        if self.tp_size > 1:
+            lines[-1] = lines[-1].replace("  KV memory:", f"  KV memory of rank {self.tp_rank} (1 of {self.tp_size}):")
+            lines.append(
+                f"  KV memory of all {self.tp_size} ranks: {_fmt_bytes(self.total_live_kv_bytes)} live, "
+                f"{_fmt_bytes(self.total_kv_bytes)} allocated, peak {_fmt_bytes(self.total_peak_kv_bytes)}"
+            )
         return "\n".join(lines)
 
 
@@ -409,7 +439,7 @@ class RPCCacheLayer(CacheLayerMixin):
                 queries = torch.from_dlpack(kv.queries(i)).clone()
                 positions = ring_positions(kv.ring_position(i), rpc.window, self.length)
         timer = cache._timer_start(self.device)
-        if isinstance(rpc.policy, RPC):
+        if isinstance(rpc.policy, RPC) and (cache.tensor_parallel is None or rpc.aggregation == "group"):
             new_length, scores, indices = kv.compress(
                 i,
                 start,
@@ -421,7 +451,7 @@ class RPCCacheLayer(CacheLayerMixin):
                 return_details=True,  # the kept indices update the slot positions
             )
             scores, indices = _to_torch(scores), _to_torch(indices)
-        else:
+        else:  # other policies, and RPC over all heads of a tensor-parallel model (scores reduced over ranks)
             new_length, scores, indices = self._compress_policy(rpc.policy, start, keep, stream)
         cache._timer_stop(timer)
         expected = start + keep + rpc.window
@@ -474,8 +504,13 @@ class RPCCacheLayer(CacheLayerMixin):
             padding=cache.padding_for(keys.shape[0]),
             keys=keys,
             stream=stream,
+            tp=cache.tensor_parallel,
         )
-        scores = policy.scores(ctx).to(torch.float32).contiguous()
+        if isinstance(policy, RPC):
+            scores = ctx.rpc_scores(cache.rpc.aggregation, cache.rpc.pooling, cache.rpc.kernel_size)
+        else:
+            scores = policy.scores(ctx)
+        scores = scores.to(torch.float32).contiguous()
         indices = _to_torch(_C.select(scores, keep, stream=stream))
         new_length = kv.compact(self.layer_idx, start, indices, stream=stream)
         return new_length, scores, indices
@@ -541,6 +576,11 @@ class RPCCache(Cache):
         keep_layouts: keep the slot layout of every compression, so that
             ``logical_positions(layer, seen=...)`` answers for any past step (mapping
             ``output_attentions``); by default only the layout since the last compression is kept.
+        tp_group: the torch.distributed process group a tensor-parallel model's attention heads are
+            sharded over. Found on the model when it was loaded with transformers' ``tp_plan``
+            (``rpc_py.hf.parallel.find_tensor_parallel``); needed only for a cache built from a bare
+            config of such a model. The cache then holds this process's heads
+            (``num_q_heads`` = the model's query heads / group size).
 
     The model must run with the rpc attention function (``rpc_py.generate`` / ``rpc_py.compress``
     do this), which records the selector queries, triggers compression and maps the attention mask
@@ -560,8 +600,10 @@ class RPCCache(Cache):
         max_capacity: int | None = None,
         padding: Sequence[int] | torch.Tensor | None = None,
         keep_layouts: bool = False,
+        tp_group=None,
     ):
         model_config = getattr(config, "config", None)
+        model = config if model_config is not None else None
         config = config if model_config is None else model_config  # accept a model
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"RPCCache: config: expected a transformers model or config, got {type(config).__name__}")
@@ -580,7 +622,15 @@ class RPCCache(Cache):
             raise TypeError(f"RPCCache: keep_layouts: expected a bool, got {type(keep_layouts).__name__}")
         self.rpc = rpc
         self.num_layers = int(text.num_hidden_layers)
-        self.num_q_heads = int(text.num_attention_heads)
+        if tp_group is not None:
+            self.tensor_parallel = TensorParallel.from_group(tp_group, text)
+        else:
+            self.tensor_parallel = find_tensor_parallel(model, text) if model is not None else None
+        tp = self.tensor_parallel
+        # The query heads this process computes (all of them unless the model is tensor parallel).
+        self.num_q_heads = int(text.num_attention_heads) // (tp.size if tp is not None else 1)
+        kv_heads = getattr(text, "num_key_value_heads", None)
+        self._config_kv_heads = kv_heads if isinstance(kv_heads, int) and not isinstance(kv_heads, bool) else None
         # Built from a model: its decoder config tells which attention function runs (checked where a
         # step needs the rpc one, for a clear error instead of a shape mismatch inside attention).
         self._model_text_config = text if model_config is not None else None
@@ -616,10 +666,25 @@ class RPCCache(Cache):
                 f"RPCCache: key_states: expected dtype float32, float16 or bfloat16, got {key_states.dtype}"
             )
         batch, kv_heads, _, head_dim = key_states.shape
+        tp = self.tensor_parallel
+        if tp is not None and kv_heads != tp.local_kv_heads:
+            raise ValueError(
+                f"RPCCache: key_states: expected {tp.local_kv_heads} KV heads on rank {tp.rank} (the model's "
+                f"{tp.kv_heads} over a tensor-parallel group of {tp.size}), got {kv_heads}"
+            )
+        if tp is None and self._config_kv_heads is not None and kv_heads < self._config_kv_heads:
+            raise ValueError(
+                f"RPCCache: key_states carry {kv_heads} of the config's {self._config_kv_heads} KV heads: the model "
+                "looks sharded (tensor parallel) but rpc_py found no tensor-parallel group on it; pass "
+                "RPCCache(..., tp_group=<the process group its heads are sharded over>)"
+            )
         if self.num_q_heads % kv_heads != 0:
             raise ValueError(
                 f"RPCCache: num_attention_heads ({self.num_q_heads}) is not a multiple of the key heads ({kv_heads})"
             )
+        if tp is not None:
+            # Every rank must run the same generation: the collectives of the compressions pair up only then.
+            tp.check_agreement(self._agreement_fields(key_states), key_states.device)
         self.kvcache = _kvcache_class()(
             self.num_layers,
             batch,
@@ -639,6 +704,21 @@ class RPCCache(Cache):
                 )
             self.kvcache.set_padding(self.padding_for(batch))
         self.batch_size_ = batch
+
+    def _agreement_fields(self, key_states: torch.Tensor) -> dict:
+        """What all tensor-parallel ranks of one generation must share (checked on the first update)."""
+        rpc = self.rpc
+        return {  # ints are compared as they are, strings by a CRC-32
+            "the RPC settings": repr(rpc),
+            "the number of layers": self.num_layers,
+            "the batch size": int(key_states.shape[0]),
+            "the prompt width": int(key_states.shape[2]),
+            "the KV heads per rank": int(key_states.shape[1]),
+            "the head dimension": int(key_states.shape[3]),
+            "the dtype": str(key_states.dtype),
+            "the left padding": repr(self.padding),
+            "max_capacity (from max_new_tokens)": -1 if self.max_capacity is None else self.max_capacity,
+        }
 
     def padding_for(self, batch: int) -> list[int]:
         """Left-padding count of every sequence of the batch (zeros when unknown)."""
@@ -741,6 +821,8 @@ class RPCCache(Cache):
             peak_kv_bytes=_int_attr(kv, "peak_nbytes"),
             live_kv_bytes=live,
             compress_seconds=self._compress_seconds(),
+            tp_size=1 if self.tensor_parallel is None else self.tensor_parallel.size,
+            tp_rank=0 if self.tensor_parallel is None else self.tensor_parallel.rank,
         )
 
     def summary(self) -> str:

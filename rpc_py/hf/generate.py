@@ -37,6 +37,7 @@ from ..config import RPCConfig
 from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache, clear_pending
 from .options import bind_generate_arguments, generate_parameters, resolve_call
+from .parallel import collective_failure
 
 __all__ = ["generate", "compress", "RPCHandle", "last_cache", "check_model_supported"]
 
@@ -313,9 +314,12 @@ class RPCHandle:
         with _rpc_attention(model):
             try:
                 out = _plain_generate(model)(*args, **kwargs)
-            except BaseException:
+            except BaseException as e:
                 if owned:
                     self._release(cache)
+                tp = cache.tensor_parallel
+                if tp is not None and collective_failure(e):  # name the rank and the likely cause
+                    raise tp.failed("a collective of the model's forward pass", e) from e
                 raise
             finally:
                 clear_pending(cache)

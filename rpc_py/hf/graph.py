@@ -42,6 +42,7 @@ from ..config import RPCConfig
 from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache
 from .generate import _LAST, _cache_kwarg, check_model_supported
+from .parallel import find_tensor_parallel
 
 __all__ = ["RPC_DECODE", "static_decode", "graph_generate", "GraphFallbackWarning", "capture_blockers"]
 
@@ -334,6 +335,9 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         raise ValueError(f"capture=True needs a CUDA model, got input_ids on {device}")
     if capture:
         blockers = capture_blockers(model)
+        tp = find_tensor_parallel(model)
+        if tp is not None:
+            blockers.append(_TP_REASON.format(size=tp.size))
         if blockers:
             warnings.warn("rpc_py: the decode step cannot be captured in a CUDA graph ("
                           + "; ".join(blockers) + "); running the same step without a graph",
@@ -475,6 +479,10 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         del graph
 
 
+_TP_REASON = ("the model is tensor parallel (tp_size={size}): capturing its step's all-reduces in a CUDA graph "
+              "has not been validated")
+
+
 def graph_generate(model, input_ids, attention_mask=None, rpc: RPCConfig | None = RPCConfig(), *,
                    cuda_graph: bool = True, max_new_tokens: int, **generation_kwargs) -> torch.Tensor:
     """``rpc_py.generate`` with CUDA-graph decoding; returns the token ids ``[B, prompt + new]``.
@@ -482,12 +490,17 @@ def graph_generate(model, input_ids, attention_mask=None, rpc: RPCConfig | None 
     Falls back to ``rpc_py.generate`` (eager) with a ``GraphFallbackWarning`` where capture is
     impossible: a model whose step syncs with the host (``capture_blockers``: dynamic/longrope RoPE,
     mixture-of-experts routing), a CPU model, a CUDA build or device missing, or generation options
-    the static loop does not reproduce.
+    the static loop does not reproduce, or a tensor-parallel model (``tp_plan``; each rank then runs the
+    eager path, whose compressions agree over the ranks).
     """
     from .generate import generate as eager_generate
 
     reason = None
     blockers = capture_blockers(model) if cuda_graph else []
+    if cuda_graph:
+        tp = find_tensor_parallel(model)
+        if tp is not None:
+            blockers.append(_TP_REASON.format(size=tp.size))
     if not cuda_graph:
         reason = "cuda_graph=False"
     elif blockers:
