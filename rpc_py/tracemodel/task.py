@@ -51,6 +51,8 @@ __all__ = [
 MAX_ITERATIONS = 400
 INPUT = "x"  # the register that holds the current input digit
 REGISTER_NAMES = tuple("abcdefghjkmnpqrstuvwyz")  # no i, l, o (they read like digits); x is the input
+CONSTANT_NAMES = ("k", "m", "n", "p")  # fixed names (TaskSpec.random_names=False): constants ...
+STATE_NAMES = ("a", "b", "c", "d")  # ... and registers
 OPS = ("+", "-", "*")
 BODY_OPS = ("+", "-")  # bijective in each operand: no state collapses to a fixed point
 COPY_PROBABILITY = 0.3  # share of body statements that copy a constant (t = k)
@@ -70,12 +72,16 @@ class TaskSpec:
     constants: constants defined by a chain of arithmetic and read by the loop body.
     registers: state registers updated by the loop body.
     statements: assignments in the loop body.
+    random_names: draw the names of constants and registers at random from ``REGISTER_NAMES``
+        (harder to learn: the model must bind arbitrary names) instead of the fixed ``k, m, ...`` for
+        constants and ``a, b, ...`` for registers.
     """
 
     iterations: tuple[int, int] = (40, 60)
     constants: int = 2
     registers: int = 2
     statements: int = 3
+    random_names: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.iterations
@@ -182,8 +188,11 @@ def _is_live(body, regs, consts, values, tape, asked) -> bool:
 def make_problem(seed: int, spec: TaskSpec = TaskSpec()) -> Problem:
     """The problem of ``seed`` in family ``spec`` (deterministic)."""
     rng = random.Random(seed)
-    names = rng.sample(REGISTER_NAMES, spec.constants + spec.registers)
-    consts, regs = names[: spec.constants], names[spec.constants :]
+    if spec.random_names:
+        names = rng.sample(REGISTER_NAMES, spec.constants + spec.registers)
+        consts, regs = names[: spec.constants], names[spec.constants :]
+    else:
+        consts, regs = list(CONSTANT_NAMES[: spec.constants]), list(STATE_NAMES[: spec.registers])
     iterations = rng.randint(*spec.iterations)
 
     values: dict[str, int] = {}
