@@ -228,6 +228,12 @@ class RPCStats:
             )
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """A compact table in Jupyter (``rpc_py.notebook.stats_html``)."""
+        from ..notebook import stats_html
+
+        return stats_html(self)
+
 
 def _int_attr(obj, name: str) -> int:
     if obj is None:
@@ -827,6 +833,12 @@ class RPCCache(Cache):
 
     def summary(self) -> str:
         return self.stats().summary()
+
+    def _repr_html_(self) -> str:
+        """A compact table in Jupyter (``rpc_py.notebook.cache_html``)."""
+        from ..notebook import cache_html
+
+        return cache_html(self)
 
     def release(self) -> None:
         """Free the C storage, keeping the statistics. Later updates raise. Idempotent."""

@@ -363,7 +363,8 @@ def compress(model, rpc: RPCConfig | None = RPCConfig()):
 _GRAPH_OPTIONS = frozenset({"inputs", "input_ids", "attention_mask"})
 
 
-def generate(model, *args, rpc: RPCConfig | None = RPCConfig(), cuda_graph: bool = False, **kwargs):
+def generate(model, *args, rpc: RPCConfig | None = RPCConfig(), cuda_graph: bool = False, progress: bool = False,
+             **kwargs):
     """Drop-in for ``model.generate`` with Reasoning Path Compression of the KV cache.
 
     Takes ``model.generate``'s arguments in the same positions (``generate(model, input_ids,
@@ -379,7 +380,16 @@ def generate(model, *args, rpc: RPCConfig | None = RPCConfig(), cuda_graph: bool
     It is off by default until it has been validated on a GPU (see README, "CUDA-graph decoding").
     The graph path switches the model's attention for itself: do not run other generations on the
     same model while it runs.
+
+    ``progress=True`` shows a tqdm progress bar (a widget in Jupyter) and records the cache length
+    per layer and step for ``rpc_py.notebook.plot_cache_lengths(rpc_py.last_cache())``; it works
+    through a streamer (``rpc_py.notebook.GenerationMonitor``) that also feeds a ``streamer`` passed
+    here, so ``cuda_graph=True`` then falls back to the eager path.
     """
+    if progress:
+        from ..notebook import progress_streamer
+
+        args, kwargs = progress_streamer(model, progress, args, kwargs)
     if cuda_graph:
         return _graph_generate(model, args, kwargs, rpc)
     check_model_supported(model)
