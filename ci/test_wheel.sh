@@ -29,9 +29,15 @@ t0=$SECONDS
 "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip install, quietly: the log is shown only when it fails (this machine's pip configuration names
+# local index folders that do not all exist, and pip warns about each one).
+pip_install() {
+    "$VPY" -m pip install -q "$@" >"$SCRATCH/pip.log" 2>&1 || { cat "$SCRATCH/pip.log"; return 1; }
+}
 # torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a CUDA build.
-"$VPY" -m pip install -q "torch==${RPC_PY_TORCH:-2.13.0}"
-"$VPY" -m pip install -q "${WHEEL}[test]" "transformers>=5.5,<6"
+pip_install "torch==${RPC_PY_TORCH:-2.13.0}"
+pip_install "${WHEEL}[test]" "transformers>=5.5,<6"
+"$VPY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|numpy|rpc.py) " | tr -s ' ' | sed 's/^/   /' 
 echo "   installed in $((SECONDS - t0)) s"
 
 # The suite without the package: nothing here can shadow the installed rpc_py.

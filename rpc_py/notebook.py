@@ -62,8 +62,10 @@ def _config_text(rpc) -> str:
     if not rpc.enabled:
         return "off (same cache path, no compression)"
     budget = "" if rpc.budget is None else f", budget {rpc.budget}"
-    return (f"P={rpc.interval}, R={rpc.window}, c={rpc.ratio}{budget}; "
-            f"{rpc.pooling} pooling k={rpc.kernel_size}, aggregation {rpc.aggregation!r}")
+    head = f"P={rpc.interval}, R={rpc.window}, c={rpc.ratio}{budget}; "
+    if getattr(rpc, "policy_name", "rpc") != "rpc":  # another selection policy on RPC's schedule
+        return head + f"policy {rpc.policy!r}"
+    return head + f"{rpc.pooling} pooling k={rpc.kernel_size}, aggregation {rpc.aggregation!r}"
 
 
 _STYLE = ("border-collapse:collapse;font-size:0.9em;margin:0.2em 0",
@@ -372,13 +374,21 @@ def plot_cache_lengths(source, ax=None, *, layers=None, full_cache: bool = True,
     ax.set_xlabel("decode step")
     ax.set_ylabel("physical cache length (tokens)")
     if title is None and history.rpc is not None:
-        title = f"RPC {_config_text(history.rpc).split(';')[0]}"
+        title = _plot_title(history.rpc)
     if title:
         ax.set_title(title)
     ax.legend(loc="upper left", fontsize="small")
     if own_figure:
         ax.figure.tight_layout()
     return ax
+
+
+def _plot_title(rpc) -> str:
+    if not rpc.enabled:
+        return "no compression (rpc=None)"
+    schedule = _config_text(rpc).split(";")[0]
+    name = getattr(rpc, "policy_name", "rpc")
+    return f"RPC {schedule}" if name == "rpc" else f"{name} on the RPC schedule, {schedule}"
 
 
 def _layer_label(members: list[int], num_layers: int) -> str:

@@ -279,6 +279,8 @@ def test_html_ranges_and_escaping():
     assert rows["compressions"] == "0\u20131 per layer (2 in all), 1.20 ms"
     assert rows["KV memory"] == "100 B live, 3.00 MiB allocated, peak 5.00 MiB"
     assert rows["RPC"].startswith("off")
+    other = RPCStats(**{**stats.__dict__, "rpc": RPCConfig(interval=8, window=2, ratio=2, policy="recent")})
+    assert table_rows(stats_html(other))["RPC"] == "P=8, R=2, c=2; policy Recent()"
     # Text goes through html.escape: a hostile value cannot inject markup.
     weird = RPCStats(**{**stats.__dict__, "rpc": RPCConfig(pooling="max", kernel_size=3)})
     object.__setattr__(weird.rpc, "aggregation", "<b>&")
@@ -325,6 +327,15 @@ def test_plot_cache_lengths():
     plot_cache_lengths(history_of(cache), ax=axes[0], layers=[1], full_cache=False, title="")
     assert [line.get_label() for line in axes[0].get_lines()][0] == "layer 1"
     assert len([line for line in axes[0].get_lines() if line.get_marker() == "v"]) == len(expected)
+    assert axes[0].get_title() == ""
+    # Other policies and no compression say so in the title.
+    for rpc, title in ((RPC.replace(policy="recent"), "recent on the RPC schedule, P=16, R=4, c=4"),
+                       (RPCConfig(enabled=False), "no compression (rpc=None)")):
+        history = LengthHistory(1, prompt_length=3, rpc=rpc)
+        history.steps.extend([1, 2])
+        history.lengths[0].extend([4, 5])
+        assert plot_cache_lengths(history, ax=axes[1]).get_title() == title
+        axes[1].clear()
     plt.close(fig)
 
 
