@@ -197,6 +197,13 @@ if _compiler_accepts(["-fopenmp"]):
         ldflags.append(os.path.realpath(os.environ.get("RPC_PY_LIBGOMP") or _gcc_file("libgomp.so")))
     else:
         ldflags.append("-fopenmp")
+if GLIBC:
+    # gcc's static runtime ahead of zig's compiler-rt, so helpers resolve as in a gcc link:
+    # __builtin_cpu_supports (the AVX2/AVX-512 dispatch of compress_cpu.c) reads gcc's __cpu_model,
+    # and with compiler-rt's copy every fast path was reported unsupported; compiler-rt also carried
+    # its own exp/expf/sqrt instead of libm's (ci/check_wheel.py and tests/test_build_features.py
+    # check both).
+    ldflags.append(_gcc_file("libgcc.a"))
 if SANITIZE:
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     # -fno-wrapv undoes the -fwrapv of CPython's own flags, which would hide signed overflow from UBSan.

@@ -9,7 +9,8 @@ files themselves rather than trusted from the build flags:
   statically, the driver is opened at run time, libtorch is never linked);
 * every undefined symbol of the extension is either versioned (so the loader checks it against the
   installed glibc) or part of the Python C API: an unversioned libc symbol would resolve to
-  whatever the process has, and fail only at run time on an old system;
+  whatever the process has, and fail only at run time on an old system; and libm's functions are
+  imported from libm, not copied in from the linker's runtime (same numerics as a source build);
 * the CUDA kernels are there: SASS for each ``--expect-sm`` and some PTX (``cuobjdump``);
 * every file of the package in the source tree (code, and data such as ``rpc_py/**/weights/*``) is
   in the wheel and in the sdist; the sdist also has the C/CUDA sources, the licence and the tests.
@@ -34,6 +35,8 @@ import zipfile
 
 LEGACY = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
 FORBIDDEN_NEEDED = re.compile(r"^lib(cudart|cuda|nvrtc|cublas\w*|torch\w*|c10\w*)\.so")
+LIBM = {f + suffix for f in ("exp", "exp2", "expm1", "log", "log2", "log1p", "pow", "sqrt", "tanh", "erf",
+                              "sin", "cos", "fmod", "floor", "ceil", "round", "fabs") for suffix in ("", "f")}
 JUNK = re.compile(r"(^|/)(__pycache__|\.pytest_cache|\.hypothesis)(/|$)|\.(py[cod]|so|o)$")
 
 
@@ -130,6 +133,14 @@ def check_wheel(wheel: str, args, problems: list[str]) -> None:
                 loose.append(sym)
             if loose:
                 problems.append(f"{obj}: unversioned undefined symbols (would bind to anything at run time): {loose[:20]}")
+            # Math must come from the system's libm, as in a source build: a copy linked in from the
+            # linker's own runtime (zig's compiler-rt defines exp, expf, sqrt, ...) would change the
+            # numerics of the kernels between the wheel and a source build.
+            own = {line.split()[-1] for line in readelf("-sW", path).splitlines()
+                   if len(line.split()) >= 8 and line.split()[6] != "UND" and line.split()[3] == "FUNC"}
+            copied = sorted(own & LIBM)
+            if copied:
+                problems.append(f"{obj}: libm functions linked into the extension instead of imported: {copied}")
             sections = readelf("-SW", path)
             if args.expect_sm:
                 if ".nv_fatbin" not in sections:

@@ -10,6 +10,9 @@
 # Usage: ci/test_wheel.sh dist/rpc_py-*.whl               (default pytest args: -q tests)
 #   RPC_PY_TORCH=2.13.0      the torch version to install
 #   RPC_PY_VENV_KEEP=1       keep the environment and the suite copy (paths are printed)
+#   RPC_PY_VENV_OFFLINE=1    a machine without a package index (e.g. the GPU box): the environment
+#                            sees the system's packages (torch, pytest, ...) and gets only the wheel,
+#                            e.g. RPC_PY_VENV_OFFLINE=1 ci/test_wheel.sh dist/rpc_py-*.whl -q tests -m cuda
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 [ "$#" -ge 1 ] && [ -f "$1" ] || { echo "usage: ci/test_wheel.sh WHEEL [pytest args]" >&2; exit 2; }
@@ -24,9 +27,13 @@ trap cleanup EXIT
 VENV="$SCRATCH/venv"
 SUITE="$SCRATCH/suite"
 
-echo "== fresh virtual environment: torch==${RPC_PY_TORCH:-2.13.0}, $(basename "$WHEEL")[test]"
+echo "== fresh virtual environment: $(basename "$WHEEL")"
 t0=$SECONDS
-"$PY" -m venv "$VENV"
+if [ "${RPC_PY_VENV_OFFLINE:-0}" = 1 ]; then
+    "$PY" -m venv --system-site-packages "$VENV"
+else
+    "$PY" -m venv "$VENV"
+fi
 VPY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip install, quietly: the log is shown only when it fails (this machine's pip configuration names
@@ -34,9 +41,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip_install() {
     "$VPY" -m pip install -q "$@" >"$SCRATCH/pip.log" 2>&1 || { cat "$SCRATCH/pip.log"; return 1; }
 }
-# torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a CUDA build.
-pip_install "torch==${RPC_PY_TORCH:-2.13.0}"
-pip_install "${WHEEL}[test]" "transformers>=5.5,<6"
+if [ "${RPC_PY_VENV_OFFLINE:-0}" = 1 ]; then
+    pip_install --no-deps --no-index "$WHEEL"
+else
+    # torch first and pinned: the CPU build lies on local disk; unpinned, pip would fetch a CUDA build.
+    pip_install "torch==${RPC_PY_TORCH:-2.13.0}"
+    pip_install "${WHEEL}[test]" "transformers>=5.5,<6"
+fi
 "$VPY" -m pip list 2>/dev/null | grep -i -E "^(torch|transformers|numpy|rpc.py) " | tr -s ' ' | sed 's/^/   /' 
 echo "   installed in $((SECONDS - t0)) s"
 
