@@ -237,6 +237,7 @@ if WITH_CUDA:
           + ", PTX for " + " ".join(f"compute_{a}" for a in PTX_ARCHS))
     nvcc_flags = [
         "-O3", "--std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+        "--threads", "0",  # the architectures of one file compile in parallel (0: one per CPU)
         *gencode,
         "-DRPC_PY_WITH_CUDA=1",
     ]

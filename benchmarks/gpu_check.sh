@@ -66,14 +66,15 @@ step() {
 
 cuda_ready() { "$PY" -c 'import sys, rpc_py; sys.exit(0 if rpc_py.cuda_available() else 1)' 2>/dev/null; }
 
-# Build with CUDA required and warnings as errors (sm_80 + sm_90 + PTX, see setup.py), unless the
-# in-place extension already has a usable CUDA backend (a warm machine).
+# Build with CUDA required and warnings as errors, for the H200 only (sm_90 SASS + compute_90 PTX:
+# RPC_PY_CUDA_ARCHS=90; CI's wheel build compiles every architecture), unless the in-place
+# extension already has a usable CUDA backend (a warm machine).
 ensure_built() {
     if cuda_ready; then
         echo "rpc_py._C already built with CUDA: no rebuild"
         return 0
     fi
-    RPC_PY_CUDA=1 RPC_PY_WERROR=1 step build 300 "${PIP[@]}" install --no-build-isolation --no-deps -e .
+    RPC_PY_CUDA=1 RPC_PY_WERROR=1 RPC_PY_CUDA_ARCHS="${RPC_PY_CUDA_ARCHS:-90}" step build 300 "${PIP[@]}" install --no-build-isolation --no-deps -e .
     step features 60 "$PY" -c "import rpc_py; print(sorted(rpc_py.backend_features)); assert rpc_py.cuda_available(), 'CUDA backend not usable'"
 }
 
