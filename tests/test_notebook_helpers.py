@@ -199,6 +199,15 @@ def test_progress_with_a_user_streamer_and_max_length(capsys):
     generate(model, ids, max_length=ids.shape[1] + 30, rpc=RPC, progress=True, streamer=Count(), **greedy())
     assert "30/30" in capsys.readouterr().err  # total from max_length - prompt
     assert len(seen) == 1 + 30 + 1 and seen[-1] == "end"
+    # rpc_py.generate takes model.generate's arguments in its positions: a positional streamer too.
+    from rpc_py.hf.options import generate_parameters
+
+    positional, _ = generate_parameters(model)
+    args = [ids] + [None] * (positional.index("streamer") - 1) + [Count()]
+    seen.clear()
+    generate(model, *args, max_new_tokens=12, rpc=RPC, progress=True, **greedy())
+    assert "12/12" in capsys.readouterr().err
+    assert len(seen) == 1 + 12 + 1 and seen[-1] == "end"
 
 
 def test_bad_arguments():
