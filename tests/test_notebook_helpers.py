@@ -62,7 +62,8 @@ def expected_compressions(rpc, lp, steps):
 
 # ------------------------------------------------------------------------------- recording lengths
 @pytest.mark.parametrize("rpc", [RPC, RPC.replace(budget=6), RPCConfig(interval=8, window=12, ratio=2),
-                                 RPC.replace(aggregation="group", pooling="max", kernel_size=3), None])
+                                 RPC.replace(aggregation="group", pooling="max", kernel_size=3),
+                                 RPC.replace(policy="snapkv"), None])
 def test_monitor_records_the_schedule(rpc):
     model = make_model("qwen2", layers=3)
     ids, mask, _ = prompts(3, [5, 9, 7])  # left padding: the prompt (padding included) is never compressed
