@@ -179,6 +179,48 @@ def part_b(args, done: dict) -> dict | None:
             "settings": rows}
 
 
+def markdown(path: str) -> int:
+    """Print README tables from a results file: accuracy (95% CI) per schedule and policy, then
+    the real-text NLL increase per schedule and policy."""
+    with open(path) as f:
+        res = json.load(f)
+    acc = res.get("accuracy", {}).get("settings", {})
+    rows = list(acc.values())
+    policies = [p for p in ALL_POLICIES if any(r["policy"] == p for r in rows)]
+    full = next((r for r in rows if r["policy"] == "full"), None)
+    if full:
+        lo, hi = full["ci95"]
+        print(f"Full KV: {full['pass@1']:.1%} [{lo:.1%}, {hi:.1%}] of {full['n']} problems, "
+              f"{full['mean_trace_tokens']:.0f} generated tokens on average.\n")
+    print("| sweep | schedule | peak KV | " + " | ".join(policies) + " |")
+    print("|---|---|---|" + "---|" * len(policies))
+    points = list(dict.fromkeys(r["point"] for r in rows if r["policy"] != "full"))
+    for pt in points:
+        here = {r["policy"]: r for r in rows if r["point"] == pt}
+        any_row = next(iter(here.values()))
+        cells = []
+        for pol in policies:
+            r = here.get(pol)
+            cells.append("" if r is None else f"{r['pass@1']:.0%} ({r['ci95'][0]:.0%}-{r['ci95'][1]:.0%})")
+        print(f"| {any_row['sweep']} | {pt} | {here.get('rpc', any_row)['mean_peak_kv_fraction']:.2f} | "
+              + " | ".join(cells) + " |")
+    rt = res.get("realtext", {}).get("settings")
+    if rt:
+        rrows = list(rt.values())
+        pols = [p for p in ALL_POLICIES if any(r["policy"] == p for r in rrows)]
+        print(f"\nReal text ({res['realtext']['model']}): NLL increase over full KV "
+              f"({res['realtext']['full_nll_mean']:.3f} nats/token), 95% CI\n")
+        print("| schedule | KV | " + " | ".join(pols) + " |")
+        print("|---|---|" + "---|" * len(pols))
+        for pt in dict.fromkeys(r["point"] for r in rrows):
+            here = {r["policy"]: r for r in rrows if r["point"] == pt}
+            kv = next(iter(here.values()))["kv_fraction"]
+            cells = [f"{here[p]['delta_nll']:+.3f} ({here[p]['delta_ci95'][0]:+.3f}, {here[p]['delta_ci95'][1]:+.3f})"
+                     if p in here else "" for p in pols]
+            print(f"| {pt} | {kv:.2f} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def combine(paths, out: str) -> int:
     result = {"meta": {"combined_from": []}}
     for path in paths:
@@ -216,7 +258,10 @@ def main(argv=None) -> int:
                    help="write --out from the results of separate runs (e.g. --parts a and --parts b run "
                         "side by side, one thread each): the accuracy part of the first that has one, the "
                         "real-text part likewise, and every run's command and machine")
+    p.add_argument("--markdown", metavar="JSON", help="print the README tables of a results file and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        return markdown(args.markdown)
     if args.combine:
         return combine(args.combine, args.out)
     torch.set_num_threads(args.threads)
