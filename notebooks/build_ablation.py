@@ -80,7 +80,7 @@ for ax, sweep in zip(axes[0], sweeps):
             continue
         x = [r["mean_peak_kv_fraction"] for r in pts]
         y = [r["pass@1"] for r in pts]
-        err = [[r["pass@1"] - r["ci95"][0] for r in pts], [r["ci95"][1] - r["pass@1"] for r in pts]]
+        err = [[max(0.0, r["pass@1"] - r["ci95"][0]) for r in pts], [max(0.0, r["ci95"][1] - r["pass@1"]) for r in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=pol, color=colors[pol])
     ax.axhline(full["pass@1"], color="k", ls="--", lw=1, label="full KV")
     ax.axhline(0.1, color="gray", ls=":", lw=1, label="chance (1/10)")
@@ -108,7 +108,8 @@ else:
         pts = sorted((r for r in rrows if r["policy"] == pol and r["sweep"] == "ratio"), key=lambda r: r["kv_fraction"])
         if pts:
             ax.errorbar([r["kv_fraction"] for r in pts], [r["delta_nll"] for r in pts],
-                        yerr=[[r["delta_nll"] - r["delta_ci95"][0] for r in pts], [r["delta_ci95"][1] - r["delta_nll"] for r in pts]],
+                        yerr=[[max(0.0, r["delta_nll"] - r["delta_ci95"][0]) for r in pts],
+                              [max(0.0, r["delta_ci95"][1] - r["delta_nll"]) for r in pts]],
                         marker="o", ms=4, capsize=3, label=pol, color=colors.get(pol))
     ax.axhline(0, color="k", ls="--", lw=1)
     ax.set_xlabel("peak KV / full KV"); ax.set_ylabel("NLL increase over full KV (nats/token)")

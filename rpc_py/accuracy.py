@@ -304,7 +304,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # Analytically the interval contains p and ends at exactly 1 when k == n (0 when k == 0); in
+    # floating point the bound can land an ulp inside, which plotting code reads as a negative error.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def _bootstrap_interval(per_problem: list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float]:

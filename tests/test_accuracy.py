@@ -42,6 +42,15 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
+def test_wilson_interval_contains_the_proportion_exactly():
+    # k == n must end at exactly 1.0 (not an ulp below: plots read that as a negative error bar)
+    for n in (1, 7, 24, 100, 200, 263, 1000):
+        for k in (0, 1, n // 2, n - 1, n):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
+
+
 def test_parse_setting():
     s = parse_setting("P=128,R=16,c=4")
     assert s.rpc.interval == 128 and s.rpc.window == 16 and s.rpc.ratio == 4 and s.rpc.budget is None
