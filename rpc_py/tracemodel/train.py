@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--induction-steps", type=int, default=400,
                    help="warm-up steps on the repeated-sequence recall task before the loop traces")
     p.add_argument("--init", default=None, help="start from the weights in this folder (continue a run)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (not faster at this size on CPU, and the attention gradients lose precision)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (not faster than float32 for the default size on the 2-core CPU it was trained on)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (the schedule still ends at --steps)")
