@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from rpc_py import RPCConfig  # noqa: E402
+from rpc_py._report import cpu_name  # noqa: E402
 from rpc_py.accuracy import Setting, evaluate, format_table  # noqa: E402
 
 ALL_POLICIES = ("rpc", "recent", "random", "tova", "h2o", "snapkv", "rkv")
@@ -83,16 +84,7 @@ def settings_for(points, policies_main, policies_sweeps) -> list[tuple[Point | N
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

@@ -28,6 +28,7 @@ import time
 import torch
 
 from rpc_py import _C, ops
+from rpc_py._report import cpu_name
 from rpc_py.reference import compress_reference, public_algorithm_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,15 +65,7 @@ def parse_args():
 def machine(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_name(fallback=platform.processor() or "unknown CPU")
     return f"{model}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
 
 

@@ -68,6 +68,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, StoppingCriteria, S
 import rpc_py
 from rpc_py.api import RPCCache, RPCConfig, compress, last_cache
 from rpc_py.api import generate as rpc_generate
+from rpc_py._report import cpu_name
 
 try:
     from tqdm.auto import tqdm
@@ -241,7 +242,7 @@ def make_prompts(model, args):
 
 
 def machine_info(device):
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_name(),
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     if device == "cuda":
@@ -249,17 +250,6 @@ def machine_info(device):
         info.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory),
                     gpu_sms=props.multi_processor_count, cuda=torch.version.cuda)
     return info
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions():

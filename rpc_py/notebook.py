@@ -25,6 +25,8 @@ import sys
 import weakref
 from array import array
 
+from ._report import format_bytes as _fmt_bytes
+
 __all__ = [
     "GenerationMonitor",
     "LengthHistory",
@@ -41,14 +43,6 @@ _HISTORIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 # ------------------------------------------------------------------------------------ HTML tables
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{n} B"
-
-
 def _span(values) -> str:
     """One number when every layer agrees, else ``min-max``."""
     values = list(values)

@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .._report import format_bytes as _fmt_bytes
 from ..config import RPCConfig
 from ..policies import RPC, ScoreContext, ring_positions
 from .layout import SlotPositions, physical_mask
@@ -240,14 +241,6 @@ def _int_attr(obj, name: str) -> int:
         return 0
     value = getattr(obj, name)
     return int(value() if callable(value) else value)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{n} B"
 
 
 class RPCCacheLayer(CacheLayerMixin):

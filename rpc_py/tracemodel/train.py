@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from .._report import cpu_name
 from .task import MAX_ITERATIONS, TaskSpec, make_problem, trace_length
 from .tokenizer import build_tokenizer
 
@@ -121,17 +122,6 @@ def teacher_forced_accuracy(model, tokenizer, spec, seeds):
     token_acc = ((logits.argmax(-1) == target) & mask).sum().item() / mask.sum().item()
     model.train()
     return token_acc, ok.all(-1).float().mean().item()
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def save(model, tokenizer, out: str) -> None:
@@ -239,7 +229,8 @@ def main(argv=None) -> int:
     save(model, tokenizer, args.out)
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({"command": "python -m rpc_py.tracemodel.train " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version()},
+                   "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version()},
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": vars(args), "params": n_params, "minutes": (time.time() - t0) / 60,
                    "tokens": tokens_seen, "torch": torch.__version__, "log": log}, f, indent=1)
     print(f"saved to {args.out} after {(time.time() - t0) / 60:.1f} min", flush=True)
