@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -65,3 +66,17 @@ def prompts(batch: int, lengths=None, seed: int = 1):
         mask[b, width - n :] = 1
         singles.append(seq.unsqueeze(0))
     return ids, mask, singles
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def greedy(**kw):
+    """generate() options for greedy decoding plus ``kw``."""
+    return dict(do_sample=False, **kw)

@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache
 
 import rpc_py
 import rpc_py.hf.attention as rpc_attention
-from hf_testing import VOCAB, make_model, prompts
+from hf_testing import VOCAB, greedy, make_model, one_torch_thread, prompts  # noqa: F401 (fixture)
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, check_model_supported, compress, generate, last_cache
 from rpc_py.hf.generate import _cache_kwarg
@@ -43,16 +43,7 @@ NEW = 60
 WAIT = 120  # seconds; a thread that does not arrive in time fails the test instead of hanging it
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def greedy(**kw):
-    return dict(do_sample=False, **kw)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def returned_cache(out):

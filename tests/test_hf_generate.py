@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rpc_py.hf.attention as rpc_attention
-from hf_testing import ARCHS, make_model, prompts
+from hf_testing import ARCHS, greedy, make_model, one_torch_thread, prompts  # noqa: F401 (fixture)
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, compress, generate, last_cache
 from rpc_py.hf.generate import _cache_kwarg
@@ -20,17 +20,7 @@ FIRST = RPC.interval + RPC.window  # decode step of the first compression
 NEW = 80
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is fastest and immune to a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def greedy(**kw):
-    return dict(do_sample=False, **kw)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- (1) no compression: same tokens

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from hf_testing import make_model, prompts
+from hf_testing import greedy, make_model, one_torch_thread, prompts  # noqa: F401 (fixture)
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, RPCStats, compress, generate, last_cache
 from rpc_py.hf.generate import _cache_kwarg
@@ -24,16 +24,7 @@ RPC = RPCConfig(interval=16, window=4, ratio=4)
 NEW = 70  # 69 decode steps: compressions after steps 20, 36, 52, 68
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def greedy(**kw):
-    return dict(do_sample=False, **kw)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def quiet_monitor(**kw):
