@@ -7,7 +7,7 @@ each it reports whether the answer is right, the first generated token where the
 whether the two constants' values (the digits written once in the trace's first line,
 ``k = 5 + 4 : k 9 ; m = k * 2 : m 8 ;``, which every later line reads) are still in each layer's
 cache at the end (in every KV head's row). ``--show N`` prints, for the first N problems that diverge, the context at the
-divergence and the generated tokens each layer held at that moment.
+divergence and the generated tokens each layer attended over in that step.
 
 The loop-trace task is described in ``rpc_py/tracemodel/task.py``; the model is the one shipped in
 the package unless ``--model DIR``. One sequence at a time (no padding), float32, CPU or CUDA.
@@ -35,12 +35,12 @@ def constant_value_offsets(spec) -> list[int]:
     return [9 * j + 7 for j in range(spec.constants)]
 
 
-def run(model, tok, problem: dict, rpc, max_new: int, *, stop_at: int | None = None):
+def run(model, tok, problem: dict, rpc, max_new: int):
+    """Greedy generation through an RPCCache that keeps every compression's slot layout."""
     enc = tok([problem["problem"]], return_tensors="pt").to(model.device)
-    cache = RPCCache(model, rpc)
-    new = max_new if stop_at is None else stop_at
+    cache = RPCCache(model, rpc, keep_layouts=True)
     with torch.no_grad(), rpc_py.compress(model, rpc):
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=new, do_sample=False)
+        out = model.generate(**enc, past_key_values=cache, max_new_tokens=max_new, do_sample=False)
     return enc.input_ids.shape[1], out[0].tolist(), cache
 
 
@@ -83,11 +83,12 @@ def main(argv=None) -> int:
             print(f"\nseed {problem['seed']}: first divergence at generated token {diverge - lp}")
             print(f"  full KV: ... {' '.join(words[max(lp, diverge - 24):diverge])} [{words[diverge]}]"
                   f"   compressed wrote [{tok.convert_ids_to_tokens([comp[diverge]])[0]}]")
-            _, _, at = run(model, tok, problem, rpc, max_new, stop_at=diverge - lp)
             for layer in range(layers):
-                pos = [q for q in at.logical_positions(layer)[0, 0].tolist() if q >= lp]  # KV head 0
+                # the slots the step that wrote token `diverge` attended over (it read token diverge - 1)
+                held = cache.logical_positions(layer, seen=diverge)[0, 0].tolist()  # KV head 0
+                pos = [q for q in held if q >= lp]
                 text = " ".join(words[q] + (" |" if b - q > 1 else "") for q, b in zip(pos, pos[1:] + [10**9]))
-                print(f"  layer {layer} holds (| = evicted tokens between): {text}")
+                print(f"  layer {layer} attended over (| = evicted tokens between): {text}")
     n = len(records)
     print(f"\n{args.setting} ({rpc.policy_name}), {n} held-out problems:")
     print(f"  accuracy: full KV {sum(r['full_correct'] for r in records) / n:.1%}, "
