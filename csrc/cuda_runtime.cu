@@ -2,8 +2,10 @@
  *
  * Every entry point takes the device explicitly and restores the caller's current device on return,
  * so calling into rpc_py never changes what torch (or anybody else in the thread) sees as current.
- * Work is enqueued on the caller's stream; only memcpy_d2h and stream_synchronize wait. Errors come
- * back as RPC_ERR_CUDA with the runtime's message; nothing here aborts or touches Python.
+ * Work is enqueued on the caller's stream and nothing here waits for the device: host values reach it
+ * as kernel arguments (set_int64s), never through a copy from pageable host memory, which the driver
+ * may serialize with the stream. Errors come back as RPC_ERR_CUDA with the runtime's message; nothing
+ * here aborts or touches Python.
  *
  * copy4d moves a strided [n0, n1, n2, n3] block (the KV append path). When both sides are contiguous
  * along the last dimension and everything is suitably aligned, rows are moved in 16-, 8- or 4-byte
@@ -70,6 +72,17 @@ size_t pick_word(const void *dst, const int64_t ds[4], const void *src, const in
         }
     }
     return esize;
+}
+
+/* Host values passed by value: the launch carries them, so no host buffer has to outlive the call. */
+struct Int64Args {
+    int64_t v[RPC_SET_INT64S_MAX];
+};
+
+__global__ void set_int64s_kernel(int64_t *dst, Int64Args args, int n) {
+    if ((int)threadIdx.x < n) {
+        dst[threadIdx.x] = args.v[threadIdx.x];
+    }
 }
 
 } // namespace
@@ -140,14 +153,31 @@ int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nby
     return RPC_OK;
 }
 
-int rpc_cuda_memcpy_d2h(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err) {
-    if (nbytes == 0) {
+int rpc_cuda_memset2d_async(int device, void *ptr, size_t pitch, int value, size_t width, size_t height,
+                           void *stream, char *err) {
+    if (width == 0 || height == 0) {
         return RPC_OK;
     }
     RPC_DEVICE_GUARD(device);
-    RPC_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDeviceToHost, (cudaStream_t)stream),
-                   "cudaMemcpyAsync (device to host)");
-    RPC_CUDA_CHECK(cudaStreamSynchronize((cudaStream_t)stream), "cudaStreamSynchronize");
+    RPC_CUDA_CHECK(cudaMemset2DAsync(ptr, pitch, value, width, height, (cudaStream_t)stream), "cudaMemset2DAsync");
+    return RPC_OK;
+}
+
+int rpc_cuda_set_int64s(int device, int64_t *dst, const int64_t *values, int n, void *stream, char *err) {
+    if (n < 0 || n > RPC_SET_INT64S_MAX) {
+        snprintf(err, RPC_ERR_LEN, "set_int64s: expected 0..%d values, got %d", RPC_SET_INT64S_MAX, n);
+        return RPC_ERR_VALUE;
+    }
+    if (n == 0) {
+        return RPC_OK;
+    }
+    RPC_DEVICE_GUARD(device);
+    Int64Args args;
+    for (int i = 0; i < n; i++) {
+        args.v[i] = values[i];
+    }
+    set_int64s_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(dst, args, n);
+    RPC_CUDA_CHECK(cudaGetLastError(), "set_int64s kernel launch");
     return RPC_OK;
 }
 
@@ -198,12 +228,6 @@ int rpc_cuda_copy4d(int device, void *dst, const int64_t dst_stride[4], const vo
     default: e = launch_copy<uint8_t>(dst, ds, src, ss, n, s); break;
     }
     RPC_CUDA_CHECK(e, "copy4d kernel launch");
-    return RPC_OK;
-}
-
-int rpc_cuda_stream_synchronize(int device, void *stream, char *err) {
-    RPC_DEVICE_GUARD(device);
-    RPC_CUDA_CHECK(cudaStreamSynchronize((cudaStream_t)stream), "cudaStreamSynchronize");
     return RPC_OK;
 }
 

@@ -58,13 +58,25 @@ int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nby
     return not_built("cuda_memcpy", err);
 }
 
-int rpc_cuda_memcpy_d2h(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err) {
+int rpc_cuda_memset2d_async(int device, void *ptr, size_t pitch, int value, size_t width, size_t height,
+                           void *stream, char *err) {
+    (void)device;
+    (void)ptr;
+    (void)pitch;
+    (void)value;
+    (void)width;
+    (void)height;
+    (void)stream;
+    return not_built("cuda_memset2d", err);
+}
+
+int rpc_cuda_set_int64s(int device, int64_t *dst, const int64_t *values, int n, void *stream, char *err) {
     (void)device;
     (void)dst;
-    (void)src;
-    (void)nbytes;
+    (void)values;
+    (void)n;
     (void)stream;
-    return not_built("cuda_memcpy", err);
+    return not_built("set_int64s", err);
 }
 
 int rpc_cuda_copy4d(int device, void *dst, const int64_t dst_stride[4], const void *src,
@@ -100,12 +112,6 @@ int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char
     (void)p;
     (void)stream;
     return not_built("compact", err);
-}
-
-int rpc_cuda_stream_synchronize(int device, void *stream, char *err) {
-    (void)device;
-    (void)stream;
-    return not_built("stream_synchronize", err);
 }
 
 int rpc_cuda_decode_attention(int device, const rpc_decode_params *p, void *stream, char *err) {

@@ -23,34 +23,6 @@
 /* Work below this many multiply-adds keeps the GIL on the CPU: releasing it costs more. */
 #define DEC_GIL_RELEASE_WORK ((int64_t)1 << 16)
 
-static void dec_format_shape(char *buf, size_t n, const rpc_tensor *t) {
-    size_t used = (size_t)snprintf(buf, n, "[");
-    for (int i = 0; i < t->ndim && used < n; i++) {
-        used += (size_t)snprintf(buf + used, n - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-    }
-    if (used < n) snprintf(buf + used, n - used, "]");
-}
-
-static int dec_same_device(const rpc_tensor *ref, const char *refname, const rpc_tensor *t, const char *argname) {
-    if (t->device_type != ref->device_type || t->device_id != ref->device_id) {
-        char a[32], b[32];
-        rpc_format_device(a, sizeof a, ref->device_type, ref->device_id);
-        rpc_format_device(b, sizeof b, t->device_type, t->device_id);
-        PyErr_Format(PyExc_ValueError, "%s: expected a tensor on %s (the device of %s), got %s", argname, a, refname, b);
-        return -1;
-    }
-    return 0;
-}
-
-static int dec_check_float(const rpc_tensor *t, const char *argname) {
-    if (t->dtype != RPC_F32 && t->dtype != RPC_F16 && t->dtype != RPC_BF16) {
-        PyErr_Format(PyExc_ValueError, "%s: expected dtype float32, float16 or bfloat16, got %s", argname,
-                     rpc_dtype_name(t->dtype));
-        return -1;
-    }
-    return 0;
-}
-
 static int dec_check_dtype(const rpc_tensor *t, const char *argname, rpc_dtype want, const char *why) {
     if (t->dtype != want) {
         PyErr_Format(PyExc_ValueError, "%s: expected dtype %s (%s), got %s", argname, rpc_dtype_name(want), why,
@@ -68,7 +40,7 @@ static int dec_check_shape4(const rpc_tensor *t, const char *argname, int64_t s0
     for (int i = 0; ok && i < 4; i++) ok = want[i] < 0 || t->shape[i] == want[i];
     if (!ok) {
         char got[160];
-        dec_format_shape(got, sizeof got, t);
+        rpc_format_shape(got, sizeof got, t);
         PyErr_Format(PyExc_ValueError, "%s: expected shape %s, got %s", argname, expect, got);
         return -1;
     }
@@ -92,14 +64,14 @@ static int dec_check_lengths(const rpc_tensor *t, const char *argname, int64_t m
                              const char *refname, int written) {
     if (t->ndim != 1 || t->dtype != RPC_I64 || t->shape[0] < min_len || (t->shape[0] > 1 && t->strides[0] != 1)) {
         char got[160];
-        dec_format_shape(got, sizeof got, t);
+        rpc_format_shape(got, sizeof got, t);
         PyErr_Format(PyExc_ValueError,
                      "%s: expected a contiguous 1-D int64 tensor of at least %lld elements "
                      "(KVCache.device_lengths(layer)), got %s %s",
                      argname, (long long)min_len, rpc_dtype_name(t->dtype), got);
         return -1;
     }
-    if (dec_same_device(ref, refname, t, argname) < 0) return -1;
+    if (rpc_check_same_device(ref, refname, t, argname) < 0) return -1;
     if (written && rpc_check_writable(t, argname) < 0) return -1;
     return 0;
 }
@@ -151,7 +123,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         rpc_from_dlpack(len_obj, "lengths", stream, &len, &kl) < 0) {
         goto done;
     }
-    if (dec_check_float(&q, "q") < 0 || dec_check_shape4(&q, "q", -1, -1, 1, -1, "[batch, q_heads, 1, head_dim]") < 0 ||
+    if (rpc_check_float(&q, "q") < 0 || dec_check_shape4(&q, "q", -1, -1, 1, -1, "[batch, q_heads, 1, head_dim]") < 0 ||
         rpc_check_no_negative_strides(&q, "q") < 0) {
         goto done;
     }
@@ -160,7 +132,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
     snprintf(expect, sizeof expect, "[%lld, kv_heads, capacity, %lld]", (long long)B, (long long)D);
     if (dec_check_shape4(&k, "keys", B, -1, -1, D, expect) < 0 ||
         dec_check_dtype(&k, "keys", q.dtype, "the dtype of q") < 0 || rpc_check_no_negative_strides(&k, "keys") < 0 ||
-        dec_same_device(&q, "q", &k, "keys") < 0) {
+        rpc_check_same_device(&q, "q", &k, "keys") < 0) {
         goto done;
     }
     const int64_t Hkv = k.shape[1], cap = k.shape[2];
@@ -175,7 +147,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
              (long long)cap, (long long)D);
     if (dec_check_shape4(&v, "values", B, Hkv, cap, D, expect) < 0 ||
         dec_check_dtype(&v, "values", q.dtype, "the dtype of q") < 0 ||
-        rpc_check_no_negative_strides(&v, "values") < 0 || dec_same_device(&q, "q", &v, "values") < 0) {
+        rpc_check_no_negative_strides(&v, "values") < 0 || rpc_check_same_device(&q, "q", &v, "values") < 0) {
         goto done;
     }
     /* An empty cache is never read, and DLPack producers report arbitrary strides (torch: 0) for it. */
@@ -188,7 +160,7 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
     snprintf(expect, sizeof expect, "[%lld, %lld, 1, %lld] (the shape of q)", (long long)B, (long long)Hq, (long long)D);
     if (dec_check_shape4(&o, "out", B, Hq, 1, D, expect) < 0 ||
         dec_check_dtype(&o, "out", q.dtype, "the dtype of q") < 0 || rpc_check_no_negative_strides(&o, "out") < 0 ||
-        dec_check_written(&o, "out") < 0 || dec_same_device(&q, "q", &o, "out") < 0) {
+        dec_check_written(&o, "out") < 0 || rpc_check_same_device(&q, "q", &o, "out") < 0) {
         goto done;
     }
     if (dec_check_lengths(&len, "lengths", 1, &q, "q", 0) < 0) goto done;
@@ -197,12 +169,12 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
         if (rpc_from_dlpack(pad_obj, "padding", stream, &pad, &kp) < 0) goto done;
         if (pad.ndim != 1 || pad.dtype != RPC_I64 || pad.shape[0] != B || (B > 1 && pad.strides[0] != 1)) {
             char got[160];
-            dec_format_shape(got, sizeof got, &pad);
+            rpc_format_shape(got, sizeof got, &pad);
             PyErr_Format(PyExc_ValueError, "padding: expected a contiguous int64 tensor of shape [%lld], got %s %s",
                          (long long)B, rpc_dtype_name(pad.dtype), got);
             goto done;
         }
-        if (dec_same_device(&q, "q", &pad, "padding") < 0) goto done;
+        if (rpc_check_same_device(&q, "q", &pad, "padding") < 0) goto done;
         padding = (const int64_t *)pad.data;
     }
     double scale = 1.0 / sqrt((double)D);
@@ -239,14 +211,14 @@ static PyObject *dec_decode_attention(PyObject *module, PyObject *args, PyObject
             if (rpc_from_dlpack(ws_obj, "workspace", stream, &ws, &kw) < 0) goto done;
             if (ws.ndim != 1 || ws.dtype != RPC_F32 || ws.shape[0] < need || (ws.shape[0] > 1 && ws.strides[0] != 1)) {
                 char got[160];
-                dec_format_shape(got, sizeof got, &ws);
+                rpc_format_shape(got, sizeof got, &ws);
                 PyErr_Format(PyExc_ValueError,
                              "workspace: expected a contiguous 1-D float32 tensor of at least %lld elements "
                              "(decode_workspace_size), got %s %s",
                              (long long)need, rpc_dtype_name(ws.dtype), got);
                 goto done;
             }
-            if (dec_same_device(&q, "q", &ws, "workspace") < 0 || rpc_check_writable(&ws, "workspace") < 0) goto done;
+            if (rpc_check_same_device(&q, "q", &ws, "workspace") < 0 || rpc_check_writable(&ws, "workspace") < 0) goto done;
             workspace = (float *)ws.data;
         } else {
             ws_store = rpc_storage_new(rpc_get_state(module), q.device_type, q.device_id,
@@ -362,7 +334,7 @@ static PyObject *dec_append_at_length(PyObject *module, PyObject *args, PyObject
         rpc_from_dlpack(len_obj, "lengths", stream, &len, &e) < 0) {
         goto done;
     }
-    if (dec_check_float(&kd, "key_storage") < 0 ||
+    if (rpc_check_float(&kd, "key_storage") < 0 ||
         dec_check_shape4(&kd, "key_storage", -1, -1, -1, -1, "[batch, kv_heads, capacity, head_dim]") < 0 ||
         rpc_check_no_negative_strides(&kd, "key_storage") < 0 || dec_check_written(&kd, "key_storage") < 0) {
         goto done;
@@ -374,7 +346,7 @@ static PyObject *dec_append_at_length(PyObject *module, PyObject *args, PyObject
     if (dec_check_shape4(&vd, "value_storage", B, H, cap, D, expect) < 0 ||
         dec_check_dtype(&vd, "value_storage", kd.dtype, "the dtype of key_storage") < 0 ||
         rpc_check_no_negative_strides(&vd, "value_storage") < 0 || dec_check_written(&vd, "value_storage") < 0 ||
-        dec_same_device(&kd, "key_storage", &vd, "value_storage") < 0) {
+        rpc_check_same_device(&kd, "key_storage", &vd, "value_storage") < 0) {
         goto done;
     }
     if (memcmp(kd.strides, vd.strides, sizeof kd.strides) != 0) {
@@ -384,7 +356,7 @@ static PyObject *dec_append_at_length(PyObject *module, PyObject *args, PyObject
     snprintf(expect, sizeof expect, "[%lld, %lld, tokens, %lld]", (long long)B, (long long)H, (long long)D);
     if (dec_check_shape4(&ks, "keys", B, H, -1, D, expect) < 0 ||
         dec_check_dtype(&ks, "keys", kd.dtype, "the dtype of key_storage") < 0 ||
-        rpc_check_no_negative_strides(&ks, "keys") < 0 || dec_same_device(&kd, "key_storage", &ks, "keys") < 0) {
+        rpc_check_no_negative_strides(&ks, "keys") < 0 || rpc_check_same_device(&kd, "key_storage", &ks, "keys") < 0) {
         goto done;
     }
     const int64_t t = ks.shape[2];
@@ -392,7 +364,7 @@ static PyObject *dec_append_at_length(PyObject *module, PyObject *args, PyObject
              (long long)t, (long long)D);
     if (dec_check_shape4(&vs, "values", B, H, t, D, expect) < 0 ||
         dec_check_dtype(&vs, "values", kd.dtype, "the dtype of key_storage") < 0 ||
-        rpc_check_no_negative_strides(&vs, "values") < 0 || dec_same_device(&kd, "key_storage", &vs, "values") < 0) {
+        rpc_check_no_negative_strides(&vs, "values") < 0 || rpc_check_same_device(&kd, "key_storage", &vs, "values") < 0) {
         goto done;
     }
     if (dec_check_lengths(&len, "lengths", 2, &kd, "key_storage", 1) < 0) goto done;
@@ -455,7 +427,7 @@ static PyObject *dec_ring_write(PyObject *module, PyObject *args, PyObject *kwar
         rpc_from_dlpack(len_obj, "lengths", stream, &len, &c) < 0) {
         goto done;
     }
-    if (dec_check_float(&ring, "ring") < 0 ||
+    if (rpc_check_float(&ring, "ring") < 0 ||
         dec_check_shape4(&ring, "ring", -1, -1, -1, -1, "[batch, q_heads, window, head_dim]") < 0 ||
         rpc_check_no_negative_strides(&ring, "ring") < 0 || dec_check_written(&ring, "ring") < 0) {
         goto done;
@@ -476,7 +448,7 @@ static PyObject *dec_ring_write(PyObject *module, PyObject *args, PyObject *kwar
         goto done;
     }
     if (dec_check_dtype(&q, "q", ring.dtype, "the dtype of ring") < 0 || rpc_check_no_negative_strides(&q, "q") < 0 ||
-        dec_same_device(&ring, "ring", &q, "q") < 0 || dec_check_lengths(&len, "lengths", 2, &ring, "ring", 0) < 0) {
+        rpc_check_same_device(&ring, "ring", &q, "q") < 0 || dec_check_lengths(&len, "lengths", 2, &ring, "ring", 0) < 0) {
         goto done;
     }
     rpc_ring_params p;

@@ -34,8 +34,10 @@ typedef struct {
     PyObject *qstorage;          /* owned Storage: query ring [B, Hq, window, D]; NULL until first record */
     int64_t q_recorded;          /* queries recorded since the last reset */
     int64_t q_pos;               /* next ring slot to write */
-    PyObject *lenbuf;            /* owned Storage: int64[2] {length, seen} on the layer's device */
-    int64_t host_len[2];         /* source of the device update; pageable, so the driver stages it */
+    PyObject *lenbuf;            /* owned Storage: int64[2 + B] {length, seen, padding[B]} on the layer's
+                                    device; the first two follow every length change (sync_lengths),
+                                    the padding is written when a kernel needs it (pad_dirty) */
+    int pad_dirty;               /* the padding in lenbuf is stale (set_padding / reset since the last write) */
     PyObject *accstorage;        /* owned Storage: float32 H2O accumulator [B, H, cap] (accumulators=True),
                                     allocated, grown and compacted with K/V; zero past `length`; else NULL */
 } rpc_layer;
@@ -141,17 +143,6 @@ static int parse_layer(KVCacheObject *self, PyObject *obj, int64_t *out) {
     return 0;
 }
 
-static void format_shape(char *buf, size_t n, const int64_t *shape, int ndim) {
-    size_t pos = 0;
-    pos += (size_t)snprintf(buf, n, "[");
-    for (int i = 0; i < ndim && pos < n; i++) {
-        pos += (size_t)snprintf(buf + pos, n - pos, i ? ", %lld" : "%lld", (long long)shape[i]);
-    }
-    if (pos < n) {
-        snprintf(buf + pos, n - pos, "]");
-    }
-}
-
 /* Checks a [B, heads, t, D] input in the cache dtype; heads < 0 means "any". */
 static int check_4d(KVCacheObject *self, const rpc_tensor *t, const char *argname, int64_t heads) {
     if (t->ndim != 4) {
@@ -161,7 +152,7 @@ static int check_4d(KVCacheObject *self, const rpc_tensor *t, const char *argnam
     }
     if (t->shape[0] != self->B || (heads >= 0 && t->shape[1] != heads) || t->shape[3] != self->D) {
         char got[160];
-        format_shape(got, sizeof got, t->shape, 4);
+        rpc_format_dims(got, sizeof got, t->shape, 4);
         if (heads >= 0) {
             PyErr_Format(PyExc_ValueError, "%s: expected shape [%lld, %lld, *, %lld], got %s", argname,
                          (long long)self->B, (long long)heads, (long long)self->D, got);
@@ -268,28 +259,52 @@ static void kv_strides(KVCacheObject *self, int64_t cap, int64_t s[4]) {
     s[3] = 1;
 }
 
-/* Pushes {length, seen} into the layer's lenbuf (host: direct store; CUDA: async copy on stream). */
+/* Pushes {length, seen} into the layer's lenbuf (host: direct store; CUDA: a one-thread kernel with the
+ * values as arguments, ordered on the stream: no copy from pageable memory, no wait). */
 static int sync_lengths(KVCacheObject *self, rpc_layer *ly, intptr_t stream) {
     (void)self;
     if (ly->lenbuf == NULL) {
         return 0;
     }
-    ly->host_len[0] = ly->length;
-    ly->host_len[1] = ly->seen;
+    const int64_t values[2] = {ly->length, ly->seen};
     if (ly->dev_type == RPC_DEV_CPU) {
-        memcpy(rpc_storage_data(ly->lenbuf), ly->host_len, sizeof ly->host_len);
+        memcpy(rpc_storage_data(ly->lenbuf), values, sizeof values);
         return 0;
     }
     char err[RPC_ERR_LEN] = {0};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = rpc_cuda_memcpy_h2d_async(ly->dev_id, rpc_storage_data(ly->lenbuf), ly->host_len, sizeof ly->host_len,
-                                   (void *)stream, err);
-    Py_END_ALLOW_THREADS
+    int rc = rpc_cuda_set_int64s(ly->dev_id, (int64_t *)rpc_storage_data(ly->lenbuf), values, 2, (void *)stream, err);
     if (rc != RPC_OK) {
         return rpc_raise_status_int(rc, err);
     }
     return 0;
+}
+
+/* The left-padding counts on the layer's device (after {length, seen} in lenbuf), written on the stream
+ * when stale: once per set_padding/reset, not once per kernel call. NULL with an exception on failure. */
+static const int64_t *device_padding(KVCacheObject *self, rpc_layer *ly, intptr_t stream) {
+    if (ly->lenbuf == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "KVCache: layer has no device lengths block");
+        return NULL;
+    }
+    int64_t *pad = (int64_t *)rpc_storage_data(ly->lenbuf) + 2;
+    if (!ly->pad_dirty) {
+        return pad;
+    }
+    if (ly->dev_type == RPC_DEV_CPU) {
+        memcpy(pad, self->padding, (size_t)self->B * sizeof(int64_t));
+    } else {
+        char err[RPC_ERR_LEN] = {0};
+        for (int64_t i = 0; i < self->B; i += RPC_SET_INT64S_MAX) {
+            const int64_t n = self->B - i < RPC_SET_INT64S_MAX ? self->B - i : RPC_SET_INT64S_MAX;
+            int rc = rpc_cuda_set_int64s(ly->dev_id, pad + i, self->padding + i, (int)n, (void *)stream, err);
+            if (rc != RPC_OK) {
+                rpc_raise_status(rc, err);
+                return NULL;
+            }
+        }
+    }
+    ly->pad_dirty = 0;
+    return pad;
 }
 
 static void place_layer(rpc_layer *ly, rpc_device_type dt, int dev_id) {
@@ -379,11 +394,13 @@ static int ensure_capacity(KVCacheObject *self, int64_t layer, int64_t needed, i
     ly->cap = newcap;
     ly->generation += 1;
     if (ly->lenbuf == NULL) {
-        PyObject *lb = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, 2 * sizeof(int64_t), stream);
+        PyObject *lb = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id,
+                                       (size_t)(2 + self->B) * sizeof(int64_t), stream);
         if (lb == NULL) {
             return -1;
         }
         ly->lenbuf = lb;
+        ly->pad_dirty = 1;
         if (sync_lengths(self, ly, stream) < 0) {
             return -1;
         }
@@ -860,6 +877,58 @@ done:
     return result;
 }
 
+/* set_length: host bookkeeping after the caller rewrote the layer's storage itself (a compaction done
+ * with torch ops, rpc_py.torch_kernels): the live length drops to `length`; seen and the query ring stay.
+ * The device lengths follow, and the accumulator's vacated positions are zeroed (its invariant). */
+static PyObject *kvcache_set_length(PyObject *op, PyObject *args, PyObject *kwargs) {
+    KVCacheObject *self = (KVCacheObject *)op;
+    static char *kwlist[] = {"layer", "length", "stream", NULL};
+    PyObject *layer_obj, *stream_obj = Py_None;
+    long long length;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL|$O:set_length", kwlist, &layer_obj, &length, &stream_obj)) {
+        return NULL;
+    }
+    ENTER(self);
+    PyObject *result = NULL;
+    int64_t layer;
+    intptr_t stream;
+    if (parse_layer(self, layer_obj, &layer) < 0 || rpc_parse_stream(stream_obj, &stream) < 0) {
+        goto done;
+    }
+    rpc_layer *ly = &self->layers[layer];
+    if (length < 0 || length > ly->length) {
+        PyErr_Format(PyExc_ValueError, "length: expected 0 <= length <= %lld (the layer's length), got %lld",
+                     (long long)ly->length, length);
+        goto done;
+    }
+    const int64_t old = ly->length;
+    ly->length = length;
+    if (sync_lengths(self, ly, stream) < 0) {
+        goto done;
+    }
+    if (ly->accstorage != NULL && length < old) {
+        float *acc = (float *)rpc_storage_data(ly->accstorage);
+        const size_t width = (size_t)(old - length) * sizeof(float), rows = (size_t)(self->B * self->H);
+        if (ly->dev_type == RPC_DEV_CPU) {
+            for (size_t r = 0; r < rows; r++) {
+                memset(acc + r * (size_t)ly->cap + length, 0, width);
+            }
+        } else {
+            char err[RPC_ERR_LEN] = {0};
+            int rc = rpc_cuda_memset2d_async(ly->dev_id, acc + length, (size_t)ly->cap * sizeof(float), 0, width, rows,
+                                             (void *)stream, err);
+            if (rc != RPC_OK) {
+                rpc_raise_status(rc, err);
+                goto done;
+            }
+        }
+    }
+    result = PyLong_FromLongLong((long long)ly->length);
+done:
+    cache_leave(self);
+    return result;
+}
+
 /* ------------------------------------------------------------------ padding */
 
 static PyObject *kvcache_set_padding(PyObject *op, PyObject *counts) {
@@ -901,6 +970,9 @@ static PyObject *kvcache_set_padding(PyObject *op, PyObject *counts) {
     }
     memcpy(self->padding, tmp, (size_t)n * sizeof(int64_t));
     PyMem_Free(tmp);
+    for (int64_t i = 0; i < self->num_layers; i++) {
+        self->layers[i].pad_dirty = 1;
+    }
     result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(seq);
@@ -1095,19 +1167,21 @@ static rpc_scratch *reserve_scratch(KVCacheObject *self, rpc_layer *ly, const rp
 static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs) {
     KVCacheObject *self = (KVCacheObject *)op;
     static char *kwlist[] = {"layer", "start", "keep", "aggregation", "pooling", "kernel_size", "stream",
-                             "return_details", NULL};
-    PyObject *layer_obj, *stream_obj = Py_None;
+                             "return_details", "scores_out", "indices_out", NULL};
+    PyObject *layer_obj, *stream_obj = Py_None, *scores_out = Py_None, *indices_out = Py_None;
     long long start, keep;
     const char *aggregation = "all", *pooling = "avg";
     int kernel_size = 7, details = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLL|$ssiOp:compress", kwlist, &layer_obj, &start, &keep,
-                                     &aggregation, &pooling, &kernel_size, &stream_obj, &details)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OLL|$ssiOpOO:compress", kwlist, &layer_obj, &start, &keep,
+                                     &aggregation, &pooling, &kernel_size, &stream_obj, &details, &scores_out,
+                                     &indices_out)) {
         return NULL;
     }
     ENTER(self);
-    PyObject *result = NULL, *score_store = NULL, *index_store = NULL;
-    float *host_scores = NULL;
-    int64_t *host_indices = NULL;
+    PyObject *result = NULL;
+    rpc_result rs, ri; /* scores [B, A, N] and kept indices [B, A, keep]: out= tensors, details, or scratch */
+    memset(&rs, 0, sizeof rs);
+    memset(&ri, 0, sizeof ri);
     int64_t layer;
     intptr_t stream;
     if (parse_layer(self, layer_obj, &layer) < 0 || rpc_parse_stream(stream_obj, &stream) < 0) {
@@ -1147,25 +1221,9 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
         goto done;
     }
     rpc_aggregation agg;
-    if (strcmp(aggregation, "all") == 0) {
-        agg = RPC_AGG_ALL;
-    } else if (strcmp(aggregation, "group") == 0) {
-        agg = RPC_AGG_GROUP;
-    } else {
-        PyErr_Format(PyExc_ValueError, "aggregation: expected 'all' or 'group', got '%s'", aggregation);
-        goto done;
-    }
     rpc_pooling pool;
-    if (strcmp(pooling, "avg") == 0) {
-        pool = RPC_POOL_AVG;
-    } else if (strcmp(pooling, "max") == 0) {
-        pool = RPC_POOL_MAX;
-    } else {
-        PyErr_Format(PyExc_ValueError, "pooling: expected 'avg' or 'max', got '%s'", pooling);
-        goto done;
-    }
-    if (kernel_size < 1 || kernel_size % 2 == 0) {
-        PyErr_Format(PyExc_ValueError, "kernel_size: expected an odd int >= 1, got %d", kernel_size);
+    if (rpc_parse_aggregation(aggregation, &agg) < 0 || rpc_parse_pooling(pooling, &pool) < 0 ||
+        rpc_check_kernel_size(kernel_size) < 0) {
         goto done;
     }
     const int64_t A = agg == RPC_AGG_ALL ? 1 : self->H;
@@ -1197,47 +1255,35 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
     sp.scale = (float)(1.0 / sqrt((double)self->D));
     sp.raw = NULL;
 
-    /* Scratch: [scores | indices | CUDA score workspace]; with return_details the scores and indices
-     * are handed to the caller, so they get blocks of their own and only the workspace is shared. */
+    /* Scores and indices go to the caller's out= tensors when given, to fresh counted blocks with
+     * return_details, and otherwise to the device's scratch block: [scores | indices | CUDA score
+     * workspace], sized once for the largest compression the capacity allows and reused. */
+    const int64_t sshape[3] = {self->B, A, N}, ishape[3] = {self->B, A, keep};
+    if (rpc_result_init(&rs, ly->dev_type, dev, RPC_F32, 3, sshape) < 0 ||
+        rpc_result_init(&ri, ly->dev_type, dev, RPC_I64, 3, ishape) < 0 ||
+        rpc_result_use_out(&rs, scores_out, "scores_out", stream) < 0 ||
+        rpc_result_use_out(&ri, indices_out, "indices_out", stream) < 0) {
+        goto done;
+    }
+    if (details && (rpc_result_alloc(&rs, cache_state(self), 0, stream) < 0 ||
+                    rpc_result_alloc(&ri, cache_state(self), 0, stream) < 0)) {
+        goto done;
+    }
     const size_t b_scores = scratch_align(n_scores * sizeof(float)), b_idx = scratch_align(n_idx * sizeof(int64_t));
     size_t b_ws = 0;
     if (on_cuda && (rc = rpc_cuda_score_workspace(dev, &sp, &b_ws, err)) != RPC_OK) {
         rpc_raise_status(rc, err);
         goto done;
     }
-    rpc_scratch *sc = reserve_scratch(self, ly, &sp, A, details ? b_ws : b_ws + b_scores + b_idx, stream);
+    rpc_scratch *sc = reserve_scratch(self, ly, &sp, A, b_ws + b_scores + b_idx, stream);
     if (sc == NULL) {
         goto done;
     }
     unsigned char *sbase = (unsigned char *)rpc_storage_data(sc->storage);
-    float *scores;
-    int64_t *indices;
-    if (!details) {
-        scores = (float *)sbase;
-        indices = (int64_t *)(sbase + b_scores);
-        sp.workspace = sbase + b_scores + b_idx;
-    } else if (!on_cuda) {
-        host_scores = malloc(n_scores * sizeof(float) + 1);
-        host_indices = malloc(n_idx * sizeof(int64_t) + 1);
-        if (host_scores == NULL || host_indices == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        scores = host_scores;
-        indices = host_indices;
-    } else {
-        score_store = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, n_scores * sizeof(float), stream);
-        index_store = score_store ? rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id,
-                                                    n_idx * sizeof(int64_t), stream)
-                                  : NULL;
-        if (index_store == NULL) {
-            goto done;
-        }
-        scores = rpc_storage_data(score_store);
-        indices = rpc_storage_data(index_store);
-        sp.workspace = sbase;
-    }
+    float *scores = rs.data != NULL ? (float *)rs.data : (float *)sbase;
+    int64_t *indices = ri.data != NULL ? (int64_t *)ri.data : (int64_t *)(sbase + b_scores);
     if (on_cuda) {
+        sp.workspace = sbase + b_scores + b_idx;
         sp.workspace_bytes = b_ws;
     } else {
         sp.workspace = NULL;
@@ -1323,18 +1369,8 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
         goto done;
     }
     {
-        int64_t sshape[3] = {self->B, A, N}, ishape[3] = {self->B, A, keep};
-        PyObject *s_obj, *i_obj;
-        if (!on_cuda) {
-            s_obj = rpc_numpy_from_host(host_scores, RPC_F32, 3, sshape);
-            i_obj = s_obj ? rpc_numpy_from_host(host_indices, RPC_I64, 3, ishape) : NULL;
-        } else {
-            int64_t sstr[3] = {A * N, N, 1}, istr[3] = {A * keep, keep, 1};
-            s_obj = rpc_view_new(cache_state(self), score_store, scores, ly->dev_type, dev, RPC_F32, 3, sshape, sstr);
-            i_obj = s_obj ? rpc_view_new(cache_state(self), index_store, indices, ly->dev_type, dev, RPC_I64, 3,
-                                         ishape, istr)
-                          : NULL;
-        }
+        PyObject *s_obj = rpc_result_take(&rs, cache_state(self), 0);
+        PyObject *i_obj = s_obj ? rpc_result_take(&ri, cache_state(self), 0) : NULL;
         if (i_obj == NULL) {
             Py_XDECREF(s_obj);
             goto done;
@@ -1342,10 +1378,8 @@ static PyObject *kvcache_compress(PyObject *op, PyObject *args, PyObject *kwargs
         result = Py_BuildValue("(LNN)", (long long)ly->length, s_obj, i_obj);
     }
 done:
-    free(host_scores);
-    free(host_indices);
-    Py_XDECREF(score_store);
-    Py_XDECREF(index_store);
+    rpc_result_release(&rs);
+    rpc_result_release(&ri);
     cache_leave(self);
     return result;
 }
@@ -1368,6 +1402,7 @@ static PyObject *kvcache_reset(PyObject *op, PyObject *args, PyObject *kwargs) {
     memset(self->padding, 0, (size_t)self->B * sizeof(int64_t));
     for (int64_t i = 0; i < self->num_layers; i++) {
         rpc_layer *ly = &self->layers[i];
+        ly->pad_dirty = 1;
         ly->length = 0;
         ly->seen = 0;
         ly->q_recorded = 0;
@@ -1522,7 +1557,7 @@ static PyObject *kvcache_accumulate(PyObject *op, PyObject *args, PyObject *kwar
         return NULL;
     }
     ENTER(self);
-    PyObject *result = NULL, *qkeep = NULL, *padstore = NULL;
+    PyObject *result = NULL, *qkeep = NULL;
     int64_t layer;
     intptr_t stream;
     rpc_tensor q;
@@ -1541,7 +1576,7 @@ static PyObject *kvcache_accumulate(PyObject *op, PyObject *args, PyObject *kwar
     }
     if (q.shape[2] != 1 || q.shape[1] < 1 || q.shape[1] % self->H != 0) {
         char got[160];
-        format_shape(got, sizeof got, q.shape, 4);
+        rpc_format_dims(got, sizeof got, q.shape, 4);
         PyErr_Format(PyExc_ValueError,
                      "q: expected shape [%lld, q_heads, 1, %lld] (this step's query; q_heads a multiple of %lld), got %s",
                      (long long)self->B, (long long)self->D, (long long)self->H, got);
@@ -1575,25 +1610,18 @@ static PyObject *kvcache_accumulate(PyObject *op, PyObject *args, PyObject *kwar
     p.scale = (float)scale;
     p.acc = (float *)rpc_storage_data(ly->accstorage);
     acc_strides_of(self, ly->cap, p.acc_stride);
-    p.padding = self->padding;
     char err[RPC_ERR_LEN] = {0};
     int rc;
     if (ly->dev_type == RPC_DEV_CUDA) {
-        /* The padding counts live on the host: a device copy for this call, ordered on the stream. */
-        padstore = rpc_storage_new(cache_state(self), ly->dev_type, ly->dev_id, (size_t)self->B * sizeof(int64_t),
-                                   stream);
-        if (padstore == NULL) {
+        /* The padding counts on the device, kept with the layer's lengths: no allocation or copy per step. */
+        if ((p.padding = device_padding(self, ly, stream)) == NULL) {
             goto done;
         }
         Py_BEGIN_ALLOW_THREADS
-        rc = rpc_cuda_memcpy_h2d_async(ly->dev_id, rpc_storage_data(padstore), self->padding,
-                                       (size_t)self->B * sizeof(int64_t), (void *)stream, err);
-        if (rc == RPC_OK) {
-            p.padding = (const int64_t *)rpc_storage_data(padstore);
-            rc = rpc_cuda_accumulate(ly->dev_id, &p, (void *)stream, err);
-        }
+        rc = rpc_cuda_accumulate(ly->dev_id, &p, (void *)stream, err);
         Py_END_ALLOW_THREADS
     } else {
+        p.padding = self->padding;
         Py_BEGIN_ALLOW_THREADS
         rc = rpc_cpu_accumulate(&p, err);
         Py_END_ALLOW_THREADS
@@ -1604,7 +1632,6 @@ static PyObject *kvcache_accumulate(PyObject *op, PyObject *args, PyObject *kwar
     }
     result = Py_NewRef(Py_None);
 done:
-    Py_XDECREF(padstore);
     Py_XDECREF(qkeep);
     cache_leave(self);
     return result;
@@ -1671,7 +1698,7 @@ static PyObject *kvcache_compact(PyObject *op, PyObject *args, PyObject *kwargs)
     const int64_t keep = ix.shape[2];
     if (ix.shape[0] != self->B || (ix.shape[1] != 1 && ix.shape[1] != self->H) || keep > N) {
         char got[160];
-        format_shape(got, sizeof got, ix.shape, 3);
+        rpc_format_dims(got, sizeof got, ix.shape, 3);
         PyErr_Format(PyExc_ValueError,
                      "indices: expected shape [%lld, 1 or %lld, keep] with keep <= length - window - start = %lld, got %s",
                      (long long)self->B, (long long)self->H, (long long)N, got);
@@ -1846,6 +1873,10 @@ static PyMethodDef kvcache_methods[] = {
     {"advance", KW kvcache_advance, METH_VARARGS | METH_KEYWORDS,
      "advance(layer, tokens, queries=0) -> (length, ring_position): host bookkeeping for tokens/queries that\n"
      "kernels already wrote (append_at_length, ring_write); no copy and no device update."},
+    {"set_length", KW kvcache_set_length, METH_VARARGS | METH_KEYWORDS,
+     "set_length(layer, length, *, stream=None) -> length: host bookkeeping after the caller compacted the\n"
+     "layer's storage itself (0 <= length <= length now; seen and the ring stay; the accumulator is zeroed\n"
+     "past the new length)."},
     {"device_lengths", kvcache_device_lengths, METH_O,
      "device_lengths(layer) -> View int64[2] {length, seen} on the layer's device."},
     {"set_padding", kvcache_set_padding, METH_O, "set_padding(counts): left-padding tokens per sequence."},
@@ -1855,7 +1886,11 @@ static PyMethodDef kvcache_methods[] = {
     {"queries", kvcache_queries, METH_O, "queries(layer) -> View [B, Hq, window, D] of the ring."},
     {"compress", KW kvcache_compress, METH_VARARGS | METH_KEYWORDS,
      "compress(layer, start, keep, *, aggregation='all', pooling='avg', kernel_size=7, stream=None,\n"
-     "         return_details=False) -> new length, or (new_length, scores, indices)."},
+     "         return_details=False, scores_out=None, indices_out=None) -> new length, or\n"
+     "         (new_length, scores, indices) with return_details. scores_out (float32 [B, A, N]) and\n"
+     "         indices_out (int64 [B, A, keep]): writable C-contiguous tensors on the layer's device that\n"
+     "         receive the scores / kept indices; without them (and without return_details) both stay in\n"
+     "         the cache's reused scratch, so a compression allocates nothing."},
     {"reset", KW kvcache_reset, METH_VARARGS | METH_KEYWORDS,
      "reset(stream=None): lengths, seen, rings and padding to zero; keeps allocations."},
     {"close", kvcache_close, METH_NOARGS, "close(): free everything; later calls raise ValueError."},

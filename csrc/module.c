@@ -148,6 +148,37 @@ PyObject *rpc_numpy_from_host(const void *data, rpc_dtype dtype, int ndim, const
     return arr;
 }
 
+PyObject *rpc_numpy_from_storage(PyObject *storage, void *data, rpc_dtype dtype, int ndim, const int64_t *shape) {
+    int typenum;
+    switch (dtype) {
+    case RPC_F32: typenum = NPY_FLOAT32; break;
+    case RPC_F16: typenum = NPY_FLOAT16; break;
+    case RPC_I64: typenum = NPY_INT64; break;
+    case RPC_I32: typenum = NPY_INT32; break;
+    default:
+        PyErr_Format(PyExc_ValueError, "NumPy has no %s dtype; use DLPack (torch) for this result",
+                     rpc_dtype_name(dtype));
+        return NULL;
+    }
+    if (ndim < 0 || ndim > RPC_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "rpc_numpy_from_storage: bad ndim %d", ndim);
+        return NULL;
+    }
+    npy_intp dims[RPC_MAX_NDIM];
+    for (int i = 0; i < ndim; i++) {
+        dims[i] = (npy_intp)shape[i];
+    }
+    PyObject *arr = PyArray_New(&PyArray_Type, ndim, dims, typenum, NULL, data, 0, NPY_ARRAY_CARRAY, NULL);
+    if (arr == NULL) {
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(storage)) < 0) { /* steals the reference */
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
 /* ------------------------------------------------------------------ module functions */
 
 static PyObject *rpc_mod_cuda_built(PyObject *module, PyObject *unused) {

@@ -2,8 +2,9 @@
  *
  * Binding only: every argument is parsed through DLPack, validated (dtype, device, shapes, strides,
  * ranges, writability) and turned into the plain parameter structs of rpc.h before any memory is
- * touched; the kernels run with the GIL released. CPU results come back as NumPy arrays; CUDA
- * results are Views over a fresh Storage block, written on the caller's stream.
+ * touched; the kernels run with the GIL released. Results are counted Storage blocks (NumPy arrays
+ * over them on the CPU, Views on CUDA) written on the caller's stream, or the caller's `out=` tensor
+ * (binding_util.c).
  *
  * On CUDA, compact checks the shape and dtype of `indices` but not their values (reading them would
  * need a device->host copy and a sync); the CUDA kernel relies on them being what select produced.
@@ -16,38 +17,6 @@
 #include <string.h>
 
 /* -------------------------------------------------------------------------------------- helpers */
-
-static void format_shape(char *buf, size_t n, const rpc_tensor *t)
-{
-    size_t used = 0;
-    used += (size_t)snprintf(buf, n, "[");
-    for (int i = 0; i < t->ndim && used < n; i++)
-        used += (size_t)snprintf(buf + used, n - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-    if (used < n) snprintf(buf + used, n - used, "]");
-}
-
-static int check_float_dtype(const rpc_tensor *t, const char *argname)
-{
-    if (t->dtype != RPC_F32 && t->dtype != RPC_F16 && t->dtype != RPC_BF16) {
-        PyErr_Format(PyExc_ValueError, "%s: expected dtype float32, float16 or bfloat16, got %s", argname,
-                     rpc_dtype_name(t->dtype));
-        return -1;
-    }
-    return 0;
-}
-
-static int check_same_device(const rpc_tensor *a, const char *aname, const rpc_tensor *b, const char *bname)
-{
-    if (a->device_type != b->device_type || a->device_id != b->device_id) {
-        char da[32], db[32];
-        rpc_format_device(da, sizeof(da), a->device_type, a->device_id);
-        rpc_format_device(db, sizeof(db), b->device_type, b->device_id);
-        PyErr_Format(PyExc_ValueError, "%s: expected a tensor on %s (the device of %s), got %s", bname, da, aname,
-                     db);
-        return -1;
-    }
-    return 0;
-}
 
 /* Raise unless every dimension of size > 1 has a non-zero stride (in-place writes must not alias). */
 static int check_no_aliasing(const rpc_tensor *t, const char *argname)
@@ -79,87 +48,52 @@ static void byte_span(const rpc_tensor *t, uintptr_t *lo, uintptr_t *hi)
     *hi = *lo + (last + 1) * rpc_dtype_size(t->dtype);
 }
 
-/* Guard against products of sizes that overflow int64 (absurd shapes from a malicious producer). */
-static int sizes_fit(const int64_t *dims, int n, const char *what)
-{
-    int64_t total = 1;
-    for (int i = 0; i < n; i++) {
-        if (dims[i] != 0 && total > (INT64_MAX / 16) / dims[i]) {
-            PyErr_Format(PyExc_ValueError, "%s: sizes too large", what);
-            return -1;
-        }
-        total *= dims[i];
-    }
-    return 0;
-}
-
-static int parse_choice(const char *value, const char *argname, const char *a, const char *b, int *out)
-{
-    if (strcmp(value, a) == 0) {
-        *out = 0;
-    } else if (strcmp(value, b) == 0) {
-        *out = 1;
-    } else {
-        PyErr_Format(PyExc_ValueError, "%s: expected '%s' or '%s', got '%s'", argname, a, b, value);
-        return -1;
-    }
-    return 0;
-}
-
-/* A result on the inputs' device: NumPy copy of a host buffer, or a View of `storage`. */
-static PyObject *wrap_result(rpc_module_state *st, const rpc_tensor *like, PyObject *storage, void *host,
-                             void *dev, rpc_dtype dtype, int ndim, const int64_t *shape)
-{
-    if (like->device_type == RPC_DEV_CPU) return rpc_numpy_from_host(host, dtype, ndim, shape);
-    int64_t strides[RPC_MAX_NDIM];
-    int64_t s = 1;
-    for (int i = ndim - 1; i >= 0; i--) {
-        strides[i] = s;
-        s *= shape[i] > 0 ? shape[i] : 1;
-    }
-    return rpc_view_new(st, storage, dev, like->device_type, like->device_id, dtype, ndim, shape, strides);
-}
-
 /* ---------------------------------------------------------------------------------------- score */
 
-static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar)
+/* mode 0: score; 1: the plain C reference (CPU); 2: only the CUDA workspace bytes score would need. */
+static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, int mode)
 {
+    const int scalar = mode == 1;
     static char *kwlist[] = {"queries", "keys", "start", "end", "aggregation", "pooling", "kernel_size",
-                             "stream", "raw", "version", NULL};
-    PyObject *q_obj, *k_obj, *stream_obj = Py_None;
+                             "stream", "raw", "version", "out", "workspace", NULL};
+    PyObject *q_obj, *k_obj, *stream_obj = Py_None, *out_obj = Py_None, *ws_obj = Py_None;
     long long start, end;
     const char *agg_name = "all", *pool_name = "avg";
     int kernel_size = 7, want_raw = 0, version = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$ssiOpi:score", kwlist, &q_obj, &k_obj, &start, &end,
-                                     &agg_name, &pool_name, &kernel_size, &stream_obj, &want_raw, &version))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$ssiOpiOO:score", kwlist, &q_obj, &k_obj, &start, &end,
+                                     &agg_name, &pool_name, &kernel_size, &stream_obj, &want_raw, &version, &out_obj,
+                                     &ws_obj))
         return NULL;
+    if (want_raw && out_obj != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "out: not supported with raw=True (the raw scores need a block of their own)");
+        return NULL;
+    }
     if (version < 0 || version > 2) {
         PyErr_Format(PyExc_ValueError, "version: expected 0 (automatic), 1 or 2 (CUDA scoring kernel), got %d", version);
         return NULL;
     }
-    int agg, pool;
+    rpc_aggregation agg;
+    rpc_pooling pool;
     intptr_t stream;
-    if (parse_choice(agg_name, "aggregation", "all", "group", &agg) < 0) return NULL;
-    if (parse_choice(pool_name, "pooling", "avg", "max", &pool) < 0) return NULL;
-    if (kernel_size < 1 || kernel_size % 2 == 0) {
-        PyErr_Format(PyExc_ValueError, "kernel_size: expected an odd integer >= 1, got %d", kernel_size);
+    if (rpc_parse_aggregation(agg_name, &agg) < 0 || rpc_parse_pooling(pool_name, &pool) < 0 ||
+        rpc_check_kernel_size(kernel_size) < 0)
         return NULL;
-    }
     if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
 
-    PyObject *q_keep = NULL, *k_keep = NULL, *result = NULL, *storage = NULL, *ws_store = NULL;
-    float *host = NULL;
+    PyObject *q_keep = NULL, *k_keep = NULL, *ws_keep = NULL, *result = NULL, *ws_store = NULL;
+    rpc_result res;
+    memset(&res, 0, sizeof res);
     rpc_tensor q, k;
     char shp[2][128];
     if (rpc_from_dlpack(q_obj, "queries", stream, &q, &q_keep) < 0) goto done;
     if (rpc_from_dlpack(k_obj, "keys", stream, &k, &k_keep) < 0) goto done;
-    if (rpc_check_ndim_dtype(&q, "queries", 4, -1) < 0 || check_float_dtype(&q, "queries") < 0) goto done;
+    if (rpc_check_ndim_dtype(&q, "queries", 4, -1) < 0 || rpc_check_float(&q, "queries") < 0) goto done;
     if (rpc_check_ndim_dtype(&k, "keys", 4, (int)q.dtype) < 0) goto done;
-    if (check_same_device(&q, "queries", &k, "keys") < 0) goto done;
+    if (rpc_check_same_device(&q, "queries", &k, "keys") < 0) goto done;
     if (rpc_check_no_negative_strides(&q, "queries") < 0 || rpc_check_no_negative_strides(&k, "keys") < 0)
         goto done;
-    format_shape(shp[0], sizeof(shp[0]), &q);
-    format_shape(shp[1], sizeof(shp[1]), &k);
+    rpc_format_shape(shp[0], sizeof(shp[0]), &q);
+    rpc_format_shape(shp[1], sizeof(shp[1]), &k);
     if (q.shape[0] != k.shape[0] || q.shape[3] != k.shape[3]) {
         PyErr_Format(PyExc_ValueError,
                      "keys: expected shape [B, Hkv, L, D] with B and D of queries %s [B, Hq, R, D], got %s", shp[0],
@@ -184,7 +118,7 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
                      (long long)L, start, end);
         goto done;
     }
-    if (sizes_fit(q.shape, 4, "queries") < 0 || sizes_fit(k.shape, 4, "keys") < 0) goto done;
+    if (rpc_sizes_fit(q.shape, 4, "queries") < 0 || rpc_sizes_fit(k.shape, 4, "keys") < 0) goto done;
     if (scalar && q.device_type != RPC_DEV_CPU) {
         PyErr_SetString(PyExc_ValueError, "queries: the scalar reference kernel runs on cpu only");
         goto done;
@@ -204,25 +138,41 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
     memcpy(p.k_stride, k.strides, sizeof(p.k_stride));
     p.start = start;
     p.end = end;
-    p.agg = agg ? RPC_AGG_GROUP : RPC_AGG_ALL;
-    p.pool = pool ? RPC_POOL_MAX : RPC_POOL_AVG;
+    p.agg = agg;
+    p.pool = pool;
     p.kernel_size = kernel_size;
     p.scale = (float)(1.0 / sqrt((double)p.D));
-    const int64_t A = agg ? p.Hkv : 1, N = end - start;
+    const int64_t A = agg == RPC_AGG_GROUP ? p.Hkv : 1, N = end - start;
     const int64_t oshape[3] = {p.B, A, N};
     const size_t count = (size_t)(p.B * A * N);
     rpc_module_state *st = rpc_get_state(module);
-    void *dev = NULL;
     char err[RPC_ERR_LEN] = {0};
     int rc;
+    if (mode == 2) {
+        size_t ws_bytes = 0;
+        if (q.device_type != RPC_DEV_CPU) {
+            p.version = version;
+            rc = rpc_cuda_score_workspace(q.device_id, &p, &ws_bytes, err);
+            if (rc != RPC_OK) {
+                rpc_raise_status(rc, err);
+                goto done;
+            }
+        }
+        result = PyLong_FromSize_t(ws_bytes);
+        goto done;
+    }
+    /* pooled scores (and the raw ones after them with raw=True) in one counted block, or in out= */
+    if (rpc_result_init(&res, q.device_type, q.device_id, RPC_F32, 3, oshape) < 0 ||
+        rpc_result_use_out(&res, out_obj, "out", stream) < 0 ||
+        rpc_result_alloc(&res, st, want_raw ? count : 0, stream) < 0)
+        goto done;
+    p.out = (float *)res.data;
+    p.raw = want_raw ? (float *)res.data + count : NULL;
     if (q.device_type == RPC_DEV_CPU) {
-        host = (float *)malloc((count * 2 + 1) * sizeof(float));
-        if (!host) {
-            PyErr_NoMemory();
+        if (ws_obj != Py_None) {
+            PyErr_SetString(PyExc_ValueError, "workspace: only CUDA scoring takes a workspace; pass None on the cpu");
             goto done;
         }
-        p.out = host;
-        p.raw = want_raw ? host + count : NULL;
         Py_BEGIN_ALLOW_THREADS
         rc = scalar ? rpc_cpu_score_scalar(&p, err) : rpc_cpu_score(&p, err);
         Py_END_ALLOW_THREADS
@@ -234,15 +184,33 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
             rpc_raise_status(rc, err);
             goto done;
         }
-        storage = rpc_storage_new(st, q.device_type, q.device_id, count * 2 * sizeof(float), stream);
-        if (!storage) goto done;
-        ws_store = rpc_storage_new(st, q.device_type, q.device_id, ws_bytes, stream);
-        if (!ws_store) goto done;
-        p.workspace = rpc_storage_data(ws_store);
+        if (ws_obj != Py_None) {
+            rpc_tensor w;
+            if (rpc_from_dlpack(ws_obj, "workspace", stream, &w, &ws_keep) < 0) goto done;
+            if (rpc_check_same_device(&q, "queries", &w, "workspace") < 0 || rpc_check_writable(&w, "workspace") < 0)
+                goto done;
+            size_t have = rpc_dtype_size(w.dtype);
+            int contiguous = 1;
+            int64_t expect = 1;
+            for (int i = w.ndim - 1; i >= 0; i--) {
+                have *= (size_t)(w.shape[i] > 0 ? w.shape[i] : 0);
+                if (w.shape[i] > 1 && w.strides[i] != expect) contiguous = 0;
+                expect *= w.shape[i];
+            }
+            if (!contiguous || have < ws_bytes || ((uintptr_t)w.data % 256) != 0) {
+                PyErr_Format(PyExc_ValueError,
+                             "workspace: expected a contiguous, 256-byte aligned tensor of at least %zu bytes "
+                             "(score_workspace_size), got %zu bytes%s",
+                             ws_bytes, have, contiguous ? "" : ", not contiguous");
+                goto done;
+            }
+            p.workspace = w.data;
+        } else {
+            ws_store = rpc_storage_new(st, q.device_type, q.device_id, ws_bytes, stream);
+            if (!ws_store) goto done;
+            p.workspace = rpc_storage_data(ws_store);
+        }
         p.workspace_bytes = ws_bytes;
-        dev = rpc_storage_data(storage);
-        p.out = (float *)dev;
-        p.raw = want_raw ? (float *)dev + count : NULL;
         Py_BEGIN_ALLOW_THREADS
         rc = rpc_cuda_score(q.device_id, &p, (void *)stream, err);
         Py_END_ALLOW_THREADS
@@ -251,14 +219,13 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
         rpc_raise_status(rc, err);
         goto done;
     }
-    PyObject *pooled = wrap_result(st, &q, storage, host, dev, RPC_F32, 3, oshape);
+    PyObject *pooled = rpc_result_take(&res, st, 0);
     if (!pooled) goto done;
     if (!want_raw) {
         result = pooled;
         goto done;
     }
-    PyObject *rawres = wrap_result(st, &q, storage, host ? host + count : NULL, dev ? (float *)dev + count : NULL,
-                                   RPC_F32, 3, oshape);
+    PyObject *rawres = rpc_result_take(&res, st, count);
     if (!rawres) {
         Py_DECREF(pooled);
         goto done;
@@ -267,9 +234,9 @@ static PyObject *score_impl(PyObject *module, PyObject *args, PyObject *kwargs, 
     Py_DECREF(pooled);
     Py_DECREF(rawres);
 done:
-    free(host);
-    Py_XDECREF(storage);
+    rpc_result_release(&res);
     Py_XDECREF(ws_store); /* cudaFree waits for the device, so the launches above are done with it */
+    Py_XDECREF(ws_keep);
     Py_XDECREF(q_keep);
     Py_XDECREF(k_keep);
     return result;
@@ -285,26 +252,33 @@ static PyObject *ops_score_scalar(PyObject *module, PyObject *args, PyObject *kw
     return score_impl(module, args, kwargs, 1);
 }
 
+static PyObject *ops_score_workspace_size(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    return score_impl(module, args, kwargs, 2);
+}
+
 /* --------------------------------------------------------------------------------------- select */
 
 static PyObject *ops_select(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"scores", "keep", "stream", NULL};
-    PyObject *s_obj, *stream_obj = Py_None;
+    static char *kwlist[] = {"scores", "keep", "stream", "out", NULL};
+    PyObject *s_obj, *stream_obj = Py_None, *out_obj = Py_None;
     long long keep;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL|O:select", kwlist, &s_obj, &keep, &stream_obj)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OL|O$O:select", kwlist, &s_obj, &keep, &stream_obj, &out_obj))
+        return NULL;
     intptr_t stream;
     if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
-    PyObject *s_keep = NULL, *result = NULL, *storage = NULL;
-    float *contig = NULL;
-    int64_t *host = NULL;
+    PyObject *s_keep = NULL, *result = NULL;
+    float *contig = NULL; /* CPU only: a contiguous copy of strided scores, freed before returning */
+    rpc_result res;
+    memset(&res, 0, sizeof res);
     rpc_tensor s;
     char shp[128];
     if (rpc_from_dlpack(s_obj, "scores", stream, &s, &s_keep) < 0) goto done;
     if (rpc_check_ndim_dtype(&s, "scores", 3, RPC_F32) < 0) goto done;
     if (rpc_check_no_negative_strides(&s, "scores") < 0) goto done;
-    if (sizes_fit(s.shape, 3, "scores") < 0) goto done;
-    format_shape(shp, sizeof(shp), &s);
+    if (rpc_sizes_fit(s.shape, 3, "scores") < 0) goto done;
+    rpc_format_shape(shp, sizeof(shp), &s);
     const int64_t B = s.shape[0], A = s.shape[1], N = s.shape[2];
     if (keep < 0 || keep > N) {
         PyErr_Format(PyExc_ValueError,
@@ -315,7 +289,6 @@ static PyObject *ops_select(PyObject *module, PyObject *args, PyObject *kwargs)
     const int contiguous = (N <= 1 || s.strides[2] == 1) && (A <= 1 || s.strides[1] == N) &&
                            (B <= 1 || s.strides[0] == A * N);
     const int64_t oshape[3] = {B, A, keep};
-    const size_t count = (size_t)(B * A * keep);
     rpc_select_params p;
     memset(&p, 0, sizeof(p));
     p.rows = B * A;
@@ -324,6 +297,10 @@ static PyObject *ops_select(PyObject *module, PyObject *args, PyObject *kwargs)
     char err[RPC_ERR_LEN] = {0};
     int rc;
     rpc_module_state *st = rpc_get_state(module);
+    if (rpc_result_init(&res, s.device_type, s.device_id, RPC_I64, 3, oshape) < 0 ||
+        rpc_result_use_out(&res, out_obj, "out", stream) < 0 || rpc_result_alloc(&res, st, 0, stream) < 0)
+        goto done;
+    p.indices = (int64_t *)res.data;
     if (s.device_type == RPC_DEV_CPU) {
         p.scores = (const float *)s.data;
         if (!contiguous) { /* the kernel reads rows contiguously: gather a copy first */
@@ -342,12 +319,6 @@ static PyObject *ops_select(PyObject *module, PyObject *args, PyObject *kwargs)
             }
             p.scores = contig;
         }
-        host = (int64_t *)malloc((count + 1) * sizeof(int64_t));
-        if (!host) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        p.indices = host;
         Py_BEGIN_ALLOW_THREADS
         rc = rpc_cpu_select(&p, err);
         Py_END_ALLOW_THREADS
@@ -359,9 +330,6 @@ static PyObject *ops_select(PyObject *module, PyObject *args, PyObject *kwargs)
             goto done;
         }
         p.scores = (const float *)s.data;
-        storage = rpc_storage_new(st, s.device_type, s.device_id, count * sizeof(int64_t), stream);
-        if (!storage) goto done;
-        p.indices = (int64_t *)rpc_storage_data(storage);
         Py_BEGIN_ALLOW_THREADS
         rc = rpc_cuda_select(s.device_id, &p, (void *)stream, err);
         Py_END_ALLOW_THREADS
@@ -370,11 +338,10 @@ static PyObject *ops_select(PyObject *module, PyObject *args, PyObject *kwargs)
         rpc_raise_status(rc, err);
         goto done;
     }
-    result = wrap_result(st, &s, storage, host, storage ? rpc_storage_data(storage) : NULL, RPC_I64, 3, oshape);
+    result = rpc_result_take(&res, st, 0);
 done:
     free(contig);
-    free(host);
-    Py_XDECREF(storage);
+    rpc_result_release(&res);
     Py_XDECREF(s_keep);
     return result;
 }
@@ -398,13 +365,13 @@ static PyObject *ops_compact(PyObject *module, PyObject *args, PyObject *kwargs)
     if (rpc_from_dlpack(k_obj, "keys", stream, &k, &k_keep) < 0) goto done;
     if (rpc_from_dlpack(v_obj, "values", stream, &v, &v_keep) < 0) goto done;
     if (rpc_from_dlpack(i_obj, "indices", stream, &ix, &i_keep) < 0) goto done;
-    if (rpc_check_ndim_dtype(&k, "keys", 4, -1) < 0 || check_float_dtype(&k, "keys") < 0) goto done;
+    if (rpc_check_ndim_dtype(&k, "keys", 4, -1) < 0 || rpc_check_float(&k, "keys") < 0) goto done;
     if (rpc_check_ndim_dtype(&v, "values", 4, (int)k.dtype) < 0) goto done;
     if (rpc_check_ndim_dtype(&ix, "indices", 3, RPC_I64) < 0) goto done;
-    if (check_same_device(&k, "keys", &v, "values") < 0 || check_same_device(&k, "keys", &ix, "indices") < 0)
+    if (rpc_check_same_device(&k, "keys", &v, "values") < 0 || rpc_check_same_device(&k, "keys", &ix, "indices") < 0)
         goto done;
-    format_shape(shp[0], sizeof(shp[0]), &k);
-    format_shape(shp[1], sizeof(shp[1]), &v);
+    rpc_format_shape(shp[0], sizeof(shp[0]), &k);
+    rpc_format_shape(shp[1], sizeof(shp[1]), &v);
     for (int i = 0; i < 4; i++) {
         if (k.shape[i] != v.shape[i]) {
             PyErr_Format(PyExc_ValueError, "values: expected the shape of keys %s, got %s", shp[0], shp[1]);
@@ -422,7 +389,7 @@ static PyObject *ops_compact(PyObject *module, PyObject *args, PyObject *kwargs)
                      (long long)(k.strides[3] != 1 ? k.strides[3] : v.strides[3]));
         goto done;
     }
-    if (sizes_fit(k.shape, 4, "keys") < 0 || sizes_fit(ix.shape, 3, "indices") < 0) goto done;
+    if (rpc_sizes_fit(k.shape, 4, "keys") < 0 || rpc_sizes_fit(ix.shape, 3, "indices") < 0) goto done;
     {
         uintptr_t klo, khi, vlo, vhi;
         byte_span(&k, &klo, &khi);
@@ -441,7 +408,7 @@ static PyObject *ops_compact(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     const int64_t keep = ix.shape[2], N = end - start;
     char ishp[128];
-    format_shape(ishp, sizeof(ishp), &ix);
+    rpc_format_shape(ishp, sizeof(ishp), &ix);
     if (ix.shape[0] != B || (ix.shape[1] != 1 && ix.shape[1] != H) || keep > N) {
         PyErr_Format(PyExc_ValueError,
                      "indices: expected shape [%lld, 1 or %lld, keep] with keep <= end - start = %lld, got %s",
@@ -542,18 +509,27 @@ static PyObject *ops_cpu_isa(PyObject *module, PyObject *args)
 static PyMethodDef ops_methods[] = {
     {"score", (PyCFunction)(void (*)(void))ops_score, METH_VARARGS | METH_KEYWORDS,
      "score(queries, keys, start, end, *, aggregation='all', pooling='avg', kernel_size=7, stream=None, raw=False,\n"
-     "      version=0)\n"
+     "      version=0, out=None, workspace=None)\n"
      "--\n\n"
      "RPC importance scores of the candidate keys [start, end) (steps 3-7 of the method).\n"
      "queries [B, Hq, R, D], keys [B, Hkv, L, D] (same dtype and device). Returns float32 pooled scores\n"
      "[B, A, N] (A = 1 for 'all', Hkv for 'group'); with raw=True a tuple (pooled, unpooled).\n"
-     "version (CUDA): 0 automatic, 1 the WMMA/fp32 kernels, 2 the mma.sync kernels (float16/bfloat16)."},
+     "version (CUDA): 0 automatic, 1 the WMMA/fp32 kernels, 2 the mma.sync kernels (float16/bfloat16).\n"
+     "out: a writable C-contiguous float32 [B, A, N] tensor on the inputs' device to write (and return)\n"
+     "instead of allocating. workspace (CUDA): a contiguous, 256-byte aligned tensor of at least\n"
+     "score_workspace_size(...) bytes; without it each call allocates (and frees) one."},
+    {"score_workspace_size", (PyCFunction)(void (*)(void))ops_score_workspace_size, METH_VARARGS | METH_KEYWORDS,
+     "score_workspace_size(queries, keys, start, end, *, aggregation='all', pooling='avg', kernel_size=7,\n"
+     "                     stream=None, raw=False, version=0) -> int\n"
+     "--\n\n"
+     "Bytes of CUDA workspace score() needs for these arguments (0 on the cpu)."},
     {"_score_scalar", (PyCFunction)(void (*)(void))ops_score_scalar, METH_VARARGS | METH_KEYWORDS,
      "Same as score, computed by the plain C reference kernel (CPU only; for tests)."},
     {"select", (PyCFunction)(void (*)(void))ops_select, METH_VARARGS | METH_KEYWORDS,
-     "select(scores, keep, stream=None)\n--\n\n"
+     "select(scores, keep, stream=None, *, out=None)\n--\n\n"
      "Top-`keep` candidate offsets per row of float32 scores [B, A, N], ties to the lower index, NaN last;\n"
-     "returned as int64 [B, A, keep] in ascending order."},
+     "returned as int64 [B, A, keep] in ascending order (written into out when given: a writable\n"
+     "C-contiguous int64 [B, A, keep] tensor on the scores' device)."},
     {"compact", (PyCFunction)(void (*)(void))ops_compact, METH_VARARGS | METH_KEYWORDS,
      "compact(keys, values, indices, start, end, stream=None)\n--\n\n"
      "In place on writable keys/values [B, H, L, D]: keeps [0, start), the candidates start + indices\n"

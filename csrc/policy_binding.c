@@ -10,14 +10,16 @@
  *
  * Binding only, in the manner of ops_binding.c: every argument goes through DLPack, is validated
  * (dtype, device, shapes, strides, ranges, option names) and becomes a plain rpc.h struct before any
- * memory is touched; kernels run with the GIL released. CPU results are NumPy arrays, CUDA results
- * Views over a fresh Storage written on the caller's stream.
+ * memory is touched; kernels run with the GIL released. CPU results are NumPy arrays over a counted
+ * Storage block, CUDA results Views over one, written on the caller's stream; `out=` replaces both.
  *
  * query_positions and padding are int64 vectors given as Python sequences or 1-D int64 DLPack tensors.
- * Host values are checked (padding >= 0) and, for CUDA inputs, copied to the device on the stream. A
- * CUDA tensor on the inputs' device is used in place without reading it (no sync): its values are not
- * checked; the kernels clamp every range into [0, L], so bad values give wrong scores, never bad
- * memory accesses.
+ * Host values are checked (padding >= 0). A tensor where the kernel runs (a contiguous CPU tensor for
+ * a CPU kernel, a tensor on the inputs' CUDA device) is used in place; on CUDA it is not read on the
+ * host (no sync), so its values are not checked: the kernels clamp every range into [0, L], so bad
+ * values give wrong scores, never bad memory accesses. Anything else is copied into a counted block
+ * on the kernel's device (on CUDA through kernel arguments: no copy from pageable memory).
+ * Every result is a counted block (binding_util.c) or the caller's `out=` tensor.
  */
 #include "pyrpc.h"
 
@@ -28,81 +30,11 @@
 
 /* -------------------------------------------------------------------------------------- helpers */
 
-static void pol_format_shape(char *buf, size_t n, const rpc_tensor *t) {
-    size_t used = (size_t)snprintf(buf, n, "[");
-    for (int i = 0; i < t->ndim && used < n; i++)
-        used += (size_t)snprintf(buf + used, n - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-    if (used < n) snprintf(buf + used, n - used, "]");
-}
-
-static int pol_check_float(const rpc_tensor *t, const char *argname) {
-    if (t->dtype != RPC_F32 && t->dtype != RPC_F16 && t->dtype != RPC_BF16) {
-        PyErr_Format(PyExc_ValueError, "%s: expected dtype float32, float16 or bfloat16, got %s", argname,
-                     rpc_dtype_name(t->dtype));
-        return -1;
-    }
-    return 0;
-}
-
-static int pol_same_device(const rpc_tensor *a, const char *aname, const rpc_tensor *b, const char *bname) {
-    if (a->device_type != b->device_type || a->device_id != b->device_id) {
-        char da[32], db[32];
-        rpc_format_device(da, sizeof da, a->device_type, a->device_id);
-        rpc_format_device(db, sizeof db, b->device_type, b->device_id);
-        PyErr_Format(PyExc_ValueError, "%s: expected a tensor on %s (the device of %s), got %s", bname, da, aname,
-                     db);
-        return -1;
-    }
-    return 0;
-}
-
-/* Products of sizes that overflow int64 (absurd shapes from a malicious producer). */
-static int pol_sizes_fit(const int64_t *dims, int n, const char *what) {
-    int64_t total = 1;
-    for (int i = 0; i < n; i++) {
-        if (dims[i] != 0 && total > (INT64_MAX / 16) / dims[i]) {
-            PyErr_Format(PyExc_ValueError, "%s: sizes too large", what);
-            return -1;
-        }
-        total *= dims[i];
-    }
-    return 0;
-}
-
-/* value must be one of names[0..count); *out = its index. */
-static int pol_choice(const char *value, const char *argname, const char *const *names, int count, int *out) {
-    for (int i = 0; i < count; i++) {
-        if (strcmp(value, names[i]) == 0) {
-            *out = i;
-            return 0;
-        }
-    }
-    char list[160];
-    size_t used = 0;
-    list[0] = '\0';
-    for (int i = 0; i < count && used < sizeof list; i++)
-        used += (size_t)snprintf(list + used, sizeof list - used, "%s'%s'", i ? ", " : "", names[i]);
-    PyErr_Format(PyExc_ValueError, "%s: expected one of %s, got '%s'", argname, list, value);
-    return -1;
-}
-
-/* A Python real number as a double; TypeError naming the argument otherwise. */
-static int pol_float(PyObject *obj, const char *argname, double *out) {
-    double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: expected a float, got %s", argname, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    *out = v;
-    return 0;
-}
-
 /* scale=None -> 1/sqrt(D); otherwise a finite float32 value. */
 static int pol_scale(PyObject *obj, int64_t D, float *out) {
     double scale = 1.0 / sqrt((double)D);
     if (obj != Py_None) {
-        if (pol_float(obj, "scale", &scale) < 0) return -1;
+        if (rpc_parse_float(obj, "scale", &scale) < 0) return -1;
         if (!isfinite(scale) || fabs(scale) > FLT_MAX) {
             PyErr_Format(PyExc_ValueError, "scale: expected a finite float32 value, got %R", obj);
             return -1;
@@ -131,56 +63,17 @@ static int pol_cuda_usable(int dev_id, const char *argname) {
     return 0;
 }
 
-/* Float32 result buffers of `count` elements (twice when raw): host malloc or a device Storage. */
-typedef struct {
-    float *host;
-    PyObject *storage;
-    float *dev;
-} pol_out;
-
-static int pol_out_alloc(rpc_module_state *st, rpc_device_type dt, int dev_id, size_t count, intptr_t stream,
-                         pol_out *o) {
-    memset(o, 0, sizeof *o);
-    if (dt == RPC_DEV_CPU) {
-        o->host = (float *)malloc((count + 1) * sizeof(float));
-        if (!o->host) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        return 0;
-    }
-    o->storage = rpc_storage_new(st, dt, dev_id, count * sizeof(float), stream);
-    if (!o->storage) return -1;
-    o->dev = (float *)rpc_storage_data(o->storage);
-    return 0;
-}
-
-static void pol_out_free(pol_out *o) {
-    free(o->host);
-    Py_XDECREF(o->storage);
-    memset(o, 0, sizeof *o);
-}
-
-/* A contiguous float32 result of `shape` starting `offset` elements into the buffers. */
-static PyObject *pol_wrap(rpc_module_state *st, const pol_out *o, rpc_device_type dt, int dev_id, size_t offset,
-                          int ndim, const int64_t *shape) {
-    if (dt == RPC_DEV_CPU) return rpc_numpy_from_host(o->host + offset, RPC_F32, ndim, shape);
-    int64_t strides[RPC_MAX_NDIM];
-    int64_t s = 1;
-    for (int i = ndim - 1; i >= 0; i--) {
-        strides[i] = s;
-        s *= shape[i] > 0 ? shape[i] : 1;
-    }
-    return rpc_view_new(st, o->storage, o->dev + offset, dt, dev_id, RPC_F32, ndim, shape, strides);
-}
-
 /* ------------------------------------------------------------------------ int64 vector arguments */
 
+/* An int64 vector argument (query_positions, padding) as the kernel reads it. A tensor already where
+ * the kernel runs (a contiguous CPU tensor for a CPU kernel, a tensor on the kernel's CUDA device) is
+ * used in place; anything else (a Python sequence, a strided or CPU tensor for a CUDA kernel) becomes a
+ * counted Storage block on the kernel's device, filled on the stream from kernel arguments (no copy
+ * from pageable memory). */
 typedef struct {
-    const int64_t *kernel; /* what the kernel reads: host values (CPU) or device memory (CUDA); NULL = None */
-    int64_t *host;         /* owned host copy, NULL when the values live on the device only */
-    PyObject *keep;        /* DLPack keepalive */
-    PyObject *store;       /* Storage holding the device copy */
+    const int64_t *kernel; /* what the kernel reads; NULL = None */
+    PyObject *keep;        /* DLPack keepalive of a tensor used in place */
+    PyObject *store;       /* Storage holding a copy */
 } int_vec;
 
 /* 1 / 0, or -1 with the exception of a failing attribute lookup (other than AttributeError). */
@@ -198,14 +91,25 @@ static int pol_has_attr(PyObject *obj, const char *name) {
 }
 
 static void int_vec_free(int_vec *v) {
-    free(v->host);
     Py_XDECREF(v->keep);
     Py_XDECREF(v->store);
     memset(v, 0, sizeof *v);
 }
 
+/* values[0..len) >= 0, else ValueError naming argname. */
+static int check_nonneg(const int64_t *values, int64_t stride, int64_t len, const char *argname) {
+    for (int64_t i = 0; i < len; i++) {
+        if (values[i * stride] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: expected values >= 0, got %lld at position %lld", argname,
+                         (long long)values[i * stride], (long long)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Parses `obj` (None, a sequence of ints, or a 1-D int64 DLPack tensor) as `len` int64 values for a
- * kernel on (dt, dev_id). nonneg: values must be >= 0 (checked where they are on the host). */
+ * kernel on (dt, dev_id). nonneg: values must be >= 0 (checked wherever they are on the host). */
 static int int_vec_parse(PyObject *obj, const char *argname, int64_t len, int nonneg, rpc_module_state *st,
                          rpc_device_type dt, int dev_id, intptr_t stream, int_vec *v) {
     memset(v, 0, sizeof *v);
@@ -215,24 +119,33 @@ static int int_vec_parse(PyObject *obj, const char *argname, int64_t len, int no
         is_dl = pol_has_attr(obj, "__dlpack__");
         if (is_dl < 0) return -1;
     }
-    v->host = (int64_t *)malloc((size_t)(len > 0 ? len : 1) * sizeof(int64_t));
-    if (!v->host) {
-        PyErr_NoMemory();
-        return -1;
-    }
+    int64_t *host = NULL; /* values on the host when they must be copied; freed before returning */
+    const size_t nbytes = (size_t)(len > 0 ? len : 1) * sizeof(int64_t);
     if (is_dl) {
         rpc_tensor t;
         if (rpc_from_dlpack(obj, argname, stream, &t, &v->keep) < 0) goto fail;
         if (t.ndim != 1 || t.dtype != RPC_I64 || t.shape[0] != len) {
             char got[96];
-            pol_format_shape(got, sizeof got, &t);
+            rpc_format_shape(got, sizeof got, &t);
             PyErr_Format(PyExc_ValueError, "%s: expected a 1-D int64 tensor of %lld elements, got %s %s", argname,
                          (long long)len, rpc_dtype_name(t.dtype), got);
             goto fail;
         }
         if (rpc_check_no_negative_strides(&t, argname) < 0) goto fail;
+        const int64_t stride = len > 1 ? t.strides[0] : 1;
         if (t.device_type == RPC_DEV_CPU) {
-            for (int64_t i = 0; i < len; i++) v->host[i] = ((const int64_t *)t.data)[i * t.strides[0]];
+            if (nonneg && check_nonneg((const int64_t *)t.data, stride, len, argname) < 0) goto fail;
+            if (dt == RPC_DEV_CPU && stride == 1) {
+                v->kernel = (const int64_t *)t.data; /* in place */
+                return 0;
+            }
+            host = (int64_t *)malloc(nbytes);
+            if (!host) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            for (int64_t i = 0; i < len; i++) host[i] = ((const int64_t *)t.data)[i * stride];
+            Py_CLEAR(v->keep);
         } else {
             if (t.device_type != dt || t.device_id != dev_id) {
                 char want[32], got[32];
@@ -242,13 +155,11 @@ static int int_vec_parse(PyObject *obj, const char *argname, int64_t len, int no
                              argname, want, got);
                 goto fail;
             }
-            if (len > 1 && t.strides[0] != 1) {
+            if (stride != 1) {
                 PyErr_Format(PyExc_ValueError, "%s: expected a contiguous tensor on %s, got stride %lld", argname,
                              "cuda", (long long)t.strides[0]);
                 goto fail;
             }
-            free(v->host);
-            v->host = NULL;
             v->kernel = (const int64_t *)t.data; /* unchecked device values: the kernels clamp */
             return 0;
         }
@@ -267,6 +178,12 @@ static int int_vec_parse(PyObject *obj, const char *argname, int64_t len, int no
         const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
         if ((int64_t)n != len) {
             PyErr_Format(PyExc_ValueError, "%s: expected %lld entries, got %zd", argname, (long long)len, n);
+            Py_DECREF(seq);
+            goto fail;
+        }
+        host = (int64_t *)malloc(nbytes);
+        if (!host) {
+            PyErr_NoMemory();
             Py_DECREF(seq);
             goto fail;
         }
@@ -289,41 +206,29 @@ static int int_vec_parse(PyObject *obj, const char *argname, int64_t len, int no
                 Py_DECREF(seq);
                 goto fail;
             }
-            v->host[i] = (int64_t)x;
+            host[i] = (int64_t)x;
         }
         Py_DECREF(seq);
+        if (nonneg && check_nonneg(host, 1, len, argname) < 0) goto fail;
     }
-    if (nonneg) {
-        for (int64_t i = 0; i < len; i++) {
-            if (v->host[i] < 0) {
-                PyErr_Format(PyExc_ValueError, "%s: expected values >= 0, got %lld at position %lld", argname,
-                             (long long)v->host[i], (long long)i);
-                goto fail;
-            }
-        }
-    }
-    if (dt == RPC_DEV_CPU) {
-        v->kernel = v->host;
-        return 0;
-    }
-    v->store = rpc_storage_new(st, dt, dev_id, (size_t)(len > 0 ? len : 1) * sizeof(int64_t), stream);
+    /* A copy on the kernel's device, counted like every block a call allocates. */
+    v->store = rpc_storage_new(st, dt, dev_id, nbytes, stream);
     if (!v->store) goto fail;
-    {
+    if (dt == RPC_DEV_CPU) {
+        memcpy(rpc_storage_data(v->store), host, (size_t)len * sizeof(int64_t));
+    } else {
         char err[RPC_ERR_LEN] = {0};
-        int rc;
-        Py_BEGIN_ALLOW_THREADS
-        /* pageable source: staged before the call returns, so v->host may be freed afterwards */
-        rc = rpc_cuda_memcpy_h2d_async(dev_id, rpc_storage_data(v->store), v->host, (size_t)len * sizeof(int64_t),
-                                       (void *)stream, err);
-        Py_END_ALLOW_THREADS
+        int rc = rpc_upload_int64s(dev_id, (int64_t *)rpc_storage_data(v->store), host, len, stream, err);
         if (rc != RPC_OK) {
             rpc_raise_status(rc, err);
             goto fail;
         }
     }
+    free(host);
     v->kernel = (const int64_t *)rpc_storage_data(v->store);
     return 0;
 fail:
+    free(host);
     int_vec_free(v);
     return -1;
 }
@@ -333,18 +238,16 @@ fail:
 static const char *const NORM_NAMES[] = {"candidates", "past", "causal"};
 static const char *const GQA_NAMES[] = {"mean_probs", "max_logits"};
 static const char *const REDUCE_NAMES[] = {"sum", "mean"};
-static const char *const AGG_NAMES[] = {"all", "group"};
-static const char *const POOL_NAMES[] = {"avg", "max"};
 
 /* Queries [B, Hq, R, D] and keys [B, Hkv, L, D]: same dtype (float) and device, Hkv | Hq, R, D >= 1. */
 static int check_qk(const rpc_tensor *q, const rpc_tensor *k) {
     char shp[2][128];
-    if (rpc_check_ndim_dtype(q, "queries", 4, -1) < 0 || pol_check_float(q, "queries") < 0) return -1;
+    if (rpc_check_ndim_dtype(q, "queries", 4, -1) < 0 || rpc_check_float(q, "queries") < 0) return -1;
     if (rpc_check_ndim_dtype(k, "keys", 4, (int)q->dtype) < 0) return -1;
-    if (pol_same_device(q, "queries", k, "keys") < 0) return -1;
+    if (rpc_check_same_device(q, "queries", k, "keys") < 0) return -1;
     if (rpc_check_no_negative_strides(q, "queries") < 0 || rpc_check_no_negative_strides(k, "keys") < 0) return -1;
-    pol_format_shape(shp[0], sizeof shp[0], q);
-    pol_format_shape(shp[1], sizeof shp[1], k);
+    rpc_format_shape(shp[0], sizeof shp[0], q);
+    rpc_format_shape(shp[1], sizeof shp[1], k);
     if (q->shape[0] != k->shape[0] || q->shape[3] != k->shape[3]) {
         PyErr_Format(PyExc_ValueError,
                      "keys: expected shape [B, Hkv, L, D] with B and D of queries %s [B, Hq, R, D], got %s", shp[0],
@@ -361,41 +264,45 @@ static int check_qk(const rpc_tensor *q, const rpc_tensor *k) {
         PyErr_Format(PyExc_ValueError, "queries: expected at least one query and head_dim >= 1, got shape %s", shp[0]);
         return -1;
     }
-    if (pol_sizes_fit(q->shape, 4, "queries") < 0 || pol_sizes_fit(k->shape, 4, "keys") < 0) return -1;
+    if (rpc_sizes_fit(q->shape, 4, "queries") < 0 || rpc_sizes_fit(k->shape, 4, "keys") < 0) return -1;
     return 0;
 }
 
 static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar) {
     static char *kwlist[] = {"queries", "keys", "start", "end", "query_positions", "padding", "norm", "gqa",
                              "query_reduce", "aggregation", "pooling", "kernel_size", "scale", "stream", "raw",
-                             NULL};
-    PyObject *q_obj, *k_obj, *qpos_obj = Py_None, *pad_obj = Py_None, *scale_obj = Py_None, *stream_obj = Py_None;
+                             "out", NULL};
+    PyObject *q_obj, *k_obj, *qpos_obj = Py_None, *pad_obj = Py_None, *scale_obj = Py_None, *stream_obj = Py_None,
+             *out_obj = Py_None;
     long long start, end;
     const char *norm_name = "candidates", *gqa_name = "mean_probs", *reduce_name = "sum", *agg_name = "all",
                *pool_name = "avg";
     int kernel_size = 1, want_raw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$OOsssssiOOp:attn_scores", kwlist, &q_obj, &k_obj, &start,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$OOsssssiOOpO:attn_scores", kwlist, &q_obj, &k_obj, &start,
                                      &end, &qpos_obj, &pad_obj, &norm_name, &gqa_name, &reduce_name, &agg_name,
-                                     &pool_name, &kernel_size, &scale_obj, &stream_obj, &want_raw))
+                                     &pool_name, &kernel_size, &scale_obj, &stream_obj, &want_raw, &out_obj))
         return NULL;
-    int norm, gqa, reduce, agg, pool;
-    intptr_t stream;
-    if (pol_choice(norm_name, "norm", NORM_NAMES, 3, &norm) < 0 || pol_choice(gqa_name, "gqa", GQA_NAMES, 2, &gqa) < 0 ||
-        pol_choice(reduce_name, "query_reduce", REDUCE_NAMES, 2, &reduce) < 0 ||
-        pol_choice(agg_name, "aggregation", AGG_NAMES, 2, &agg) < 0 ||
-        pol_choice(pool_name, "pooling", POOL_NAMES, 2, &pool) < 0)
-        return NULL;
-    if (kernel_size < 1 || kernel_size % 2 == 0) {
-        PyErr_Format(PyExc_ValueError, "kernel_size: expected an odd integer >= 1, got %d", kernel_size);
+    if (want_raw && out_obj != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "out: not supported with raw=True (the raw scores need a block of their own)");
         return NULL;
     }
+    int norm, gqa, reduce;
+    rpc_aggregation agg;
+    rpc_pooling pool;
+    intptr_t stream;
+    if (rpc_parse_choice(norm_name, "norm", NORM_NAMES, 3, &norm) < 0 ||
+        rpc_parse_choice(gqa_name, "gqa", GQA_NAMES, 2, &gqa) < 0 ||
+        rpc_parse_choice(reduce_name, "query_reduce", REDUCE_NAMES, 2, &reduce) < 0 ||
+        rpc_parse_aggregation(agg_name, &agg) < 0 || rpc_parse_pooling(pool_name, &pool) < 0 ||
+        rpc_check_kernel_size(kernel_size) < 0)
+        return NULL;
     if (rpc_parse_stream(stream_obj, &stream) < 0) return NULL;
 
     PyObject *q_keep = NULL, *k_keep = NULL, *result = NULL;
     int_vec qpos, pad;
     memset(&qpos, 0, sizeof qpos);
     memset(&pad, 0, sizeof pad);
-    pol_out o;
+    rpc_result o;
     memset(&o, 0, sizeof o);
     rpc_tensor q, k;
     rpc_module_state *st = rpc_get_state(module);
@@ -443,15 +350,17 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
     p.norm = (rpc_attn_norm)norm;
     p.gqa = (rpc_attn_gqa)gqa;
     p.reduce = (rpc_query_reduce)reduce;
-    p.agg = agg ? RPC_AGG_GROUP : RPC_AGG_ALL;
-    p.pool = pool ? RPC_POOL_MAX : RPC_POOL_AVG;
+    p.agg = agg;
+    p.pool = pool;
     p.kernel_size = kernel_size;
     if (pol_scale(scale_obj, p.D, &p.scale) < 0) goto done;
-    const int64_t A = agg ? p.Hkv : 1, N = end - start;
+    const int64_t A = agg == RPC_AGG_GROUP ? p.Hkv : 1, N = end - start;
     const int64_t oshape[3] = {p.B, A, N};
     const size_t count = (size_t)(p.B * A * N);
-    if (pol_out_alloc(st, q.device_type, q.device_id, count * 2, stream, &o) < 0) goto done;
-    p.out = o.host ? o.host : o.dev;
+    if (rpc_result_init(&o, q.device_type, q.device_id, RPC_F32, 3, oshape) < 0 ||
+        rpc_result_use_out(&o, out_obj, "out", stream) < 0 || rpc_result_alloc(&o, st, want_raw ? count : 0, stream) < 0)
+        goto done;
+    p.out = (float *)o.data;
     p.raw = want_raw ? p.out + count : NULL;
     char err[RPC_ERR_LEN] = {0};
     int rc;
@@ -469,12 +378,12 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
         rpc_raise_status(rc, err);
         goto done;
     }
-    PyObject *pooled = pol_wrap(st, &o, q.device_type, dev, 0, 3, oshape);
+    PyObject *pooled = rpc_result_take(&o, st, 0);
     if (!pooled || !want_raw) {
         result = pooled;
         goto done;
     }
-    PyObject *rawres = pol_wrap(st, &o, q.device_type, dev, count, 3, oshape);
+    PyObject *rawres = rpc_result_take(&o, st, count);
     if (!rawres) {
         Py_DECREF(pooled);
         goto done;
@@ -483,7 +392,7 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
     Py_DECREF(pooled);
     Py_DECREF(rawres);
 done:
-    pol_out_free(&o);
+    rpc_result_release(&o);
     int_vec_free(&qpos);
     int_vec_free(&pad);
     Py_XDECREF(q_keep);
@@ -502,13 +411,13 @@ static PyObject *pol_attn_scores_scalar(PyObject *module, PyObject *args, PyObje
 /* ------------------------------------------------------------------------------------- redundancy */
 
 static PyObject *redundancy_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar) {
-    static char *kwlist[] = {"keys", "padding", "threshold", "stream", NULL};
-    PyObject *k_obj, *pad_obj = Py_None, *thr_obj = NULL, *stream_obj = Py_None;
+    static char *kwlist[] = {"keys", "padding", "threshold", "stream", "out", NULL};
+    PyObject *k_obj, *pad_obj = Py_None, *thr_obj = NULL, *stream_obj = Py_None, *out_obj = Py_None;
     double threshold = 0.5;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOO:redundancy", kwlist, &k_obj, &pad_obj, &thr_obj,
-                                     &stream_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOO:redundancy", kwlist, &k_obj, &pad_obj, &thr_obj,
+                                     &stream_obj, &out_obj))
         return NULL;
-    if (thr_obj && pol_float(thr_obj, "threshold", &threshold) < 0) return NULL;
+    if (thr_obj && rpc_parse_float(thr_obj, "threshold", &threshold) < 0) return NULL;
     if (isnan(threshold)) {
         PyErr_SetString(PyExc_ValueError, "threshold: expected a number, got nan");
         return NULL;
@@ -518,17 +427,17 @@ static PyObject *redundancy_impl(PyObject *module, PyObject *args, PyObject *kwa
     PyObject *k_keep = NULL, *result = NULL;
     int_vec pad;
     memset(&pad, 0, sizeof pad);
-    pol_out o;
+    rpc_result o;
     memset(&o, 0, sizeof o);
     rpc_tensor k;
     rpc_module_state *st = rpc_get_state(module);
     if (rpc_from_dlpack(k_obj, "keys", stream, &k, &k_keep) < 0) goto done;
-    if (rpc_check_ndim_dtype(&k, "keys", 4, -1) < 0 || pol_check_float(&k, "keys") < 0 ||
-        rpc_check_no_negative_strides(&k, "keys") < 0 || pol_sizes_fit(k.shape, 4, "keys") < 0)
+    if (rpc_check_ndim_dtype(&k, "keys", 4, -1) < 0 || rpc_check_float(&k, "keys") < 0 ||
+        rpc_check_no_negative_strides(&k, "keys") < 0 || rpc_sizes_fit(k.shape, 4, "keys") < 0)
         goto done;
     if (k.shape[3] < 1) {
         char shp[128];
-        pol_format_shape(shp, sizeof shp, &k);
+        rpc_format_shape(shp, sizeof shp, &k);
         PyErr_Format(PyExc_ValueError, "keys: expected head_dim >= 1, got shape %s", shp);
         goto done;
     }
@@ -550,8 +459,10 @@ static PyObject *redundancy_impl(PyObject *module, PyObject *args, PyObject *kwa
     p.padding = pad.kernel;
     p.threshold = threshold;
     const int64_t oshape[3] = {p.B, p.Hkv, p.L};
-    if (pol_out_alloc(st, k.device_type, k.device_id, (size_t)(p.B * p.Hkv * p.L), stream, &o) < 0) goto done;
-    p.out = o.host ? o.host : o.dev;
+    if (rpc_result_init(&o, k.device_type, k.device_id, RPC_F32, 3, oshape) < 0 ||
+        rpc_result_use_out(&o, out_obj, "out", stream) < 0 || rpc_result_alloc(&o, st, 0, stream) < 0)
+        goto done;
+    p.out = (float *)o.data;
     char err[RPC_ERR_LEN] = {0};
     int rc;
     const int dev = k.device_id;
@@ -568,9 +479,9 @@ static PyObject *redundancy_impl(PyObject *module, PyObject *args, PyObject *kwa
         rpc_raise_status(rc, err);
         goto done;
     }
-    result = pol_wrap(st, &o, k.device_type, dev, 0, 3, oshape);
+    result = rpc_result_take(&o, st, 0);
 done:
-    pol_out_free(&o);
+    rpc_result_release(&o);
     int_vec_free(&pad);
     Py_XDECREF(k_keep);
     return result;
@@ -637,16 +548,18 @@ static int pol_parse_device(PyObject *obj, rpc_device_type *dt, int *dev_id) {
 }
 
 static PyObject *pol_fill_scores(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"kind", "batch", "rows", "n", "seed", "layer", "compression", "device", "stream", NULL};
+    static char *kwlist[] = {"kind", "batch", "rows", "n", "seed", "layer", "compression", "device", "stream", "out",
+                             NULL};
     const char *kind_name;
     long long batch, rows, n;
-    PyObject *seed_obj = NULL, *layer_obj = NULL, *comp_obj = NULL, *device_obj = NULL, *stream_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLL|$OOOOO:fill_scores", kwlist, &kind_name, &batch, &rows, &n,
-                                     &seed_obj, &layer_obj, &comp_obj, &device_obj, &stream_obj))
+    PyObject *seed_obj = NULL, *layer_obj = NULL, *comp_obj = NULL, *device_obj = NULL, *stream_obj = Py_None,
+             *out_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sLLL|$OOOOOO:fill_scores", kwlist, &kind_name, &batch, &rows, &n,
+                                     &seed_obj, &layer_obj, &comp_obj, &device_obj, &stream_obj, &out_obj))
         return NULL;
     static const char *const KIND_NAMES[] = {"recent", "random"};
     int kind;
-    if (pol_choice(kind_name, "kind", KIND_NAMES, 2, &kind) < 0) return NULL;
+    if (rpc_parse_choice(kind_name, "kind", KIND_NAMES, 2, &kind) < 0) return NULL;
     rpc_fill_params p;
     memset(&p, 0, sizeof p);
     if ((seed_obj && pol_u64(seed_obj, "seed", &p.seed) < 0) || (layer_obj && pol_u64(layer_obj, "layer", &p.layer) < 0) ||
@@ -662,7 +575,7 @@ static PyObject *pol_fill_scores(PyObject *module, PyObject *args, PyObject *kwa
         return NULL;
     }
     const int64_t shape[3] = {batch, rows, n};
-    if (pol_sizes_fit(shape, 3, "batch, rows, n") < 0) return NULL;
+    if (rpc_sizes_fit(shape, 3, "batch, rows, n") < 0) return NULL;
     if (kind == RPC_FILL_RECENT && n > ((int64_t)1 << 24)) {
         PyErr_Format(PyExc_ValueError, "n: expected <= 16777216 for kind='recent' (offsets exact in float32), got %lld",
                      n);
@@ -674,10 +587,14 @@ static PyObject *pol_fill_scores(PyObject *module, PyObject *args, PyObject *kwa
     p.rows = rows;
     p.n = n;
     rpc_module_state *st = rpc_get_state(module);
-    pol_out o;
+    rpc_result o;
     PyObject *result = NULL;
-    if (pol_out_alloc(st, dt, dev_id, (size_t)(batch * rows * n), stream, &o) < 0) return NULL;
-    p.out = o.host ? o.host : o.dev;
+    if (rpc_result_init(&o, dt, dev_id, RPC_F32, 3, shape) < 0) return NULL;
+    if (rpc_result_use_out(&o, out_obj, "out", stream) < 0 || rpc_result_alloc(&o, st, 0, stream) < 0) {
+        rpc_result_release(&o);
+        return NULL;
+    }
+    p.out = (float *)o.data;
     char err[RPC_ERR_LEN] = {0};
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -686,8 +603,8 @@ static PyObject *pol_fill_scores(PyObject *module, PyObject *args, PyObject *kwa
     if (rc != RPC_OK)
         rpc_raise_status(rc, err);
     else
-        result = pol_wrap(st, &o, dt, dev_id, 0, 3, shape);
-    pol_out_free(&o);
+        result = rpc_result_take(&o, st, 0);
+    rpc_result_release(&o);
     return result;
 }
 
@@ -716,12 +633,12 @@ static PyObject *pol_accumulate(PyObject *module, PyObject *args, PyObject *kwar
                      (long long)q.shape[2]);
         goto done;
     }
-    if (rpc_check_ndim_dtype(&a, "acc", 3, RPC_F32) < 0 || pol_same_device(&q, "queries", &a, "acc") < 0 ||
+    if (rpc_check_ndim_dtype(&a, "acc", 3, RPC_F32) < 0 || rpc_check_same_device(&q, "queries", &a, "acc") < 0 ||
         rpc_check_no_negative_strides(&a, "acc") < 0 || rpc_check_writable(&a, "acc") < 0)
         goto done;
     if (a.shape[0] != k.shape[0] || a.shape[1] != k.shape[1] || a.shape[2] != k.shape[2]) {
         char got[96];
-        pol_format_shape(got, sizeof got, &a);
+        rpc_format_shape(got, sizeof got, &a);
         PyErr_Format(PyExc_ValueError, "acc: expected shape [%lld, %lld, %lld] (B, Hkv, L of keys), got %s",
                      (long long)k.shape[0], (long long)k.shape[1], (long long)k.shape[2], got);
         goto done;

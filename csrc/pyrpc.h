@@ -57,8 +57,52 @@ PyObject *rpc_view_new(rpc_module_state *st, PyObject *owner, void *data, rpc_de
                        int device_id, rpc_dtype dtype, int ndim, const int64_t *shape,
                        const int64_t *strides);
 
-/* Host results as NumPy arrays (module.c imports the NumPy C API; these live there). */
+/* Host results as NumPy arrays (module.c imports the NumPy C API; these live there).
+ * from_host copies into a new array; from_storage wraps `data` (inside `storage`, C-contiguous) without
+ * a copy and keeps the storage alive as the array's base. */
 PyObject *rpc_numpy_from_host(const void *data, rpc_dtype dtype, int ndim, const int64_t *shape);
+PyObject *rpc_numpy_from_storage(PyObject *storage, void *data, rpc_dtype dtype, int ndim, const int64_t *shape);
+
+/* ---- Shared binding helpers (binding_util.c) */
+void rpc_format_dims(char *buf, size_t n, const int64_t *shape, int ndim);    /* "[2, 4, 37]" */
+void rpc_format_shape(char *buf, size_t n, const rpc_tensor *t);
+int rpc_check_float(const rpc_tensor *t, const char *argname);               /* f32, f16 or bf16 */
+/* t must live where ref lives; the message names both arguments. */
+int rpc_check_same_device(const rpc_tensor *ref, const char *refname, const rpc_tensor *t, const char *argname);
+int rpc_sizes_fit(const int64_t *dims, int n, const char *what);              /* product fits int64 / 16 */
+int rpc_parse_float(PyObject *obj, const char *argname, double *out);         /* TypeError naming argname */
+/* The option vocabulary, parsed in one place: value must be one of names[0..count), *out its index. */
+int rpc_parse_choice(const char *value, const char *argname, const char *const *names, int count, int *out);
+int rpc_parse_aggregation(const char *value, rpc_aggregation *out);           /* "all" | "group" */
+int rpc_parse_pooling(const char *value, rpc_pooling *out);                   /* "avg" | "max" */
+int rpc_check_kernel_size(int kernel_size);                                   /* odd, >= 1 */
+
+/* A result a binding returns: either the caller's `out=` tensor or a fresh, counted Storage block
+ * (NumPy array over it on the CPU, View on CUDA). Usage: init -> use_out (optional) -> alloc (no-op when
+ * out was given) -> kernels write r.data -> take -> release. */
+typedef struct {
+    rpc_device_type dt;
+    int device_id;
+    rpc_dtype dtype;
+    int ndim;
+    int64_t shape[RPC_MAX_NDIM];
+    size_t count;        /* elements of one result of `shape` */
+    void *data;          /* where the kernels write (borrowed from out, or storage's memory) */
+    PyObject *out;       /* borrowed: the caller's out= object, or NULL */
+    PyObject *keep;      /* owned: DLPack keepalive of out */
+    PyObject *storage;   /* owned: the allocated block, or NULL */
+} rpc_result;
+int rpc_result_init(rpc_result *r, rpc_device_type dt, int device_id, rpc_dtype dtype, int ndim,
+                    const int64_t *shape);
+/* Checks `out` (None/NULL: nothing to do): writable, C-contiguous, r's dtype, shape and device. */
+int rpc_result_use_out(rpc_result *r, PyObject *out, const char *argname, intptr_t stream);
+/* Allocates count + extra_elements elements unless out was given. */
+int rpc_result_alloc(rpc_result *r, rpc_module_state *st, size_t extra_elements, intptr_t stream);
+/* New reference: out itself, or an array/View of r's shape starting `offset` elements into the block. */
+PyObject *rpc_result_take(rpc_result *r, rpc_module_state *st, size_t offset);
+void rpc_result_release(rpc_result *r);
+/* Host int64 values to device memory on the stream, as kernel arguments (no pageable copy, no wait). */
+int rpc_upload_int64s(int device, int64_t *dst, const int64_t *values, int64_t n, intptr_t stream, char *err);
 
 /* Turn a kernel status + message into a Python exception; returns NULL. */
 PyObject *rpc_raise_status(int status, const char *err);

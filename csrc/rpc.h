@@ -136,7 +136,13 @@ int rpc_cuda_malloc(int device, size_t nbytes, void **ptr, char *err);
 int rpc_cuda_free(int device, void *ptr, char *err);
 int rpc_cuda_memset_async(int device, void *ptr, int value, size_t nbytes, void *stream, char *err);
 int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err);
-int rpc_cuda_memcpy_d2h(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err); /* syncs stream */
+/* 2-D memset: `height` rows of `width` bytes, `pitch` bytes apart. */
+int rpc_cuda_memset2d_async(int device, void *ptr, size_t pitch, int value, size_t width, size_t height,
+                            void *stream, char *err);
+/* Writes n <= RPC_SET_INT64S_MAX host values to dst on the stream; the values travel as kernel
+ * arguments, so the call neither waits nor needs the host array afterwards. */
+#define RPC_SET_INT64S_MAX 32
+int rpc_cuda_set_int64s(int device, int64_t *dst, const int64_t *values, int n, void *stream, char *err);
 int rpc_cuda_copy4d(int device, void *dst, const int64_t dst_stride[4], const void *src,
                     const int64_t src_stride[4], const int64_t shape[4], size_t elem_size, void *stream,
                     char *err);
@@ -147,7 +153,6 @@ int rpc_cuda_score(int device, const rpc_score_params *p, void *stream, char *er
 int rpc_cuda_score_workspace(int device, const rpc_score_params *p, size_t *bytes, char *err);
 int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err);
 int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err);
-int rpc_cuda_stream_synchronize(int device, void *stream, char *err);
 /* Events (cudaEvent_t as void*, timing disabled) order the reuse of a scratch buffer across streams
  * without a host sync: record after the last use, make the next stream wait on it. */
 int rpc_cuda_event_create(int device, void **event, char *err);

@@ -5,6 +5,9 @@ is awkward in C: they pass the current CUDA stream for CUDA torch tensors, and g
 the caller's framework (torch in -> torch out; otherwise NumPy arrays on CPU and ``View`` objects on
 CUDA). torch is optional: it is only imported when the inputs are torch tensors.
 
+The first use of a kernel family on a CUDA device (torch inputs) is checked against the CPU kernels
+(``rpc_py.selfcheck``); a mismatch raises ``KernelCheckError``.
+
 Steps of the method (docs/rpc-algorithm.md): ``score`` = 3-7, ``select`` = 8, ``compact`` = 9,
 ``compress`` = all of them on one layer.
 
@@ -40,6 +43,15 @@ def _stream_for(x, stream):
     return None
 
 
+def _selfcheck(x, family, head_dim=64):
+    """The first use of a kernel family on a CUDA device (torch tensors) runs rpc_py.selfcheck."""
+    torch = _torch_if_tensor(x)
+    if torch is not None and x.is_cuda:
+        from rpc_py.selfcheck import ensure
+
+        ensure(x.device, [family], dtype=x.dtype if x.is_floating_point() else torch.float32, head_dim=head_dim)
+
+
 def _to_framework(result, like):
     torch = _torch_if_tensor(like)
     if torch is None:
@@ -57,6 +69,7 @@ def score(queries, keys, start, end, *, aggregation="all", pooling="avg", kernel
     (float32, float16 or bfloat16) and device. A = 1 for ``aggregation="all"``, Hkv for ``"group"``.
     With ``raw=True`` returns ``(pooled, unpooled)``.
     """
+    _selfcheck(queries, "score", queries.shape[-1])
     out = _C.score(queries, keys, int(start), int(end), aggregation=aggregation, pooling=pooling,
                    kernel_size=int(kernel_size), stream=_stream_for(queries, stream), raw=bool(raw))
     if raw:
@@ -67,6 +80,7 @@ def score(queries, keys, start, end, *, aggregation="all", pooling="avg", kernel
 def select(scores, keep, *, stream=None):
     """int64 [B, A, keep]: offsets of the top ``keep`` scores per row, ascending (ties to the lower
     index, NaN ranked last)."""
+    _selfcheck(scores, "select")
     out = _C.select(scores, int(keep), stream=_stream_for(scores, stream))
     return _to_framework(out, scores)
 
@@ -76,6 +90,7 @@ def compact(keys, values, indices, start, end, *, stream=None):
 
     Returns the new length ``start + keep + (L - end)``; positions past it are stale.
     """
+    _selfcheck(keys, "compact", keys.shape[-1])
     return _C.compact(keys, values, indices, int(start), int(end), stream=_stream_for(keys, stream))
 
 
@@ -123,6 +138,7 @@ def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None
     ``padding``: left-padding count per sequence. ``scale``: logit scale (default ``1/sqrt(D)``). With
     ``raw=True`` returns ``(pooled, unpooled)``.
     """
+    _selfcheck(queries, "attn_scores", queries.shape[-1])
     out = _C.attn_scores(queries, keys, int(start), int(end), query_positions=_int_vector(query_positions),
                          padding=_int_vector(padding), norm=norm, gqa=gqa, query_reduce=query_reduce,
                          aggregation=aggregation, pooling=pooling, kernel_size=int(kernel_size), scale=scale,
@@ -135,6 +151,7 @@ def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None
 def redundancy(keys, *, padding=None, threshold=0.5, stream=None):
     """R-KV's redundancy of every key, float32 ``[B, Hkv, L]`` (``redundancy_reference``): per sequence
     and KV head, over the valid keys ``[padding[b], L)``; 0 at padded positions. Larger = more redundant."""
+    _selfcheck(keys, "redundancy", keys.shape[-1])
     out = _C.redundancy(keys, padding=_int_vector(padding), threshold=float(threshold),
                         stream=_stream_for(keys, stream))
     return _to_framework(out, keys)
@@ -153,6 +170,10 @@ def fill_scores(kind, batch, rows, n, *, seed=0, layer=0, compression=0, device=
     dev = str(device)
     if stream is None and torch is not None and dev.startswith("cuda") and torch.cuda.is_available():
         stream = torch.cuda.current_stream(torch.device(dev)).cuda_stream
+    if torch is not None and dev.startswith("cuda") and torch.cuda.is_available():
+        from rpc_py.selfcheck import ensure
+
+        ensure(torch.device(dev), ["fill"])
     out = _C.fill_scores(kind, int(batch), int(rows), int(n), seed=seed, layer=layer, compression=compression,
                          device=dev, stream=stream)
     if not as_torch:

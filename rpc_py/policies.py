@@ -53,6 +53,8 @@ class Policy:
     uses_queries: ClassVar[bool] = True
     #: the policy needs per-token accumulated attention, updated at every decode step (H2O)
     uses_accumulators: ClassVar[bool] = False
+    #: the kernel families its scores run (rpc_py.selfcheck checks them on a CUDA device first)
+    kernel_families: ClassVar[tuple] = ()
 
     def rows(self, kv_heads: int) -> int:
         """Index sets per sequence: 1 (one for all heads) or ``kv_heads`` (one per KV head)."""
@@ -70,6 +72,7 @@ class RPC(Policy):
     settings are ``RPCConfig.pooling`` / ``kernel_size`` / ``aggregation``."""
 
     name: ClassVar[str] = "rpc"
+    kernel_families: ClassVar[tuple] = ("score",)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Recent(Policy):
     prompt plays the attention sink)."""
 
     name: ClassVar[str] = "recent"
+    kernel_families: ClassVar[tuple] = ("fill",)
     uses_queries: ClassVar[bool] = False
 
     def scores(self, ctx):
@@ -90,6 +94,7 @@ class Random(Policy):
     counter-based hash of (seed, layer, compression, row, candidate): the same on every device."""
 
     name: ClassVar[str] = "random"
+    kernel_families: ClassVar[tuple] = ("fill",)
     uses_queries: ClassVar[bool] = False
     seed: int = 0
     aggregation: str = "all"
@@ -109,13 +114,15 @@ class TOVA(Policy):
     every cached token), averaged over heads; no pooling."""
 
     name: ClassVar[str] = "tova"
+    kernel_families: ClassVar[tuple] = ("attn_scores",)
     aggregation: str = "all"
 
     def __post_init__(self):
         _check_choice("TOVA", "aggregation", self.aggregation, _AGGREGATIONS)
 
     def scores(self, ctx):
-        return ctx.attention(ctx.newest_query(), [ctx.length - 1], norm="causal", aggregation=self.aggregation)
+        return ctx.attention(ctx.newest_query(), ctx._positions(ctx.length - 1, 1), norm="causal",
+                             aggregation=self.aggregation)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class H2O(Policy):
     heads; no pooling. The cache keeps a float32 accumulator per token, compacted with K/V."""
 
     name: ClassVar[str] = "h2o"
+    kernel_families: ClassVar[tuple] = ("accumulate",)
     uses_queries: ClassVar[bool] = False
     uses_accumulators: ClassVar[bool] = True
     aggregation: str = "all"
@@ -147,6 +155,7 @@ class SnapKV(Policy):
     kernel 5)."""
 
     name: ClassVar[str] = "snapkv"
+    kernel_families: ClassVar[tuple] = ("attn_scores",)
     pooling: str = "avg"
     kernel_size: int = 5
     aggregation: str = "group"
@@ -171,6 +180,7 @@ class RKV(Policy):
     above ``threshold``) spared. Defaults are the published code's."""
 
     name: ClassVar[str] = "rkv"
+    kernel_families: ClassVar[tuple] = ("attn_scores", "redundancy")
     mix_lambda: float = 0.07
     threshold: float = 0.5
     pooling: str = "max"
@@ -268,10 +278,15 @@ class ScoreContext:
     q_heads: int
     kv_heads: int
     batch: int
-    padding: list  # left-padding per sequence
+    padding: object  # left-padding per sequence: ints, or an int64 tensor on the keys' device
     keys: object  # torch view [B, Hkv, L, D]
     stream: object = None
     tp: object = None  # TensorParallel, or None in a single process
+    kernels: str = "native"  # "native": rpc_py._C; "torch": rpc_py.torch_kernels (rpc_py.kernel_choice)
+
+    # Every score below is written into a torch tensor of ours (``out=``), and query positions are
+    # built on the keys' device, so a compression allocates nothing through rpc_py and copies nothing
+    # from the host: no device allocation or sync per compression on CUDA.
 
     @property
     def n(self) -> int:
@@ -299,34 +314,51 @@ class ScoreContext:
             )
         return local_sum / heads
 
-    def _torch(self, x):
+    @property
+    def _native(self) -> bool:
+        return self.kernels == "native"
+
+    def _empty(self, *shape):
         import torch
 
-        if isinstance(x, torch.Tensor):
-            return x
-        if self.keys.device.type == "cuda":
-            return torch.from_dlpack(x)
-        return torch.as_tensor(x)
+        return torch.empty(*shape, dtype=torch.float32, device=self.keys.device)
+
+    def _positions(self, first: int, count: int, ring_head: int | None = None):
+        """int64 key positions on the keys' device without a host copy: ``first + arange(count)``, or
+        with ``ring_head`` the position of each slot of the query ring (``ring_positions``)."""
+        import torch
+
+        slots = torch.arange(count, dtype=torch.int64, device=self.keys.device)
+        if ring_head is None:
+            return slots + first
+        return (self.length - 1) - torch.remainder((ring_head - 1) - slots, self.window)
 
     def fill(self, kind: str, rows: int, *, seed: int = 0, per_kv_head: bool = False):
         """``_C.fill_scores`` over ``rows`` rows; ``per_kv_head``: one row per KV head, numbered by the
         model-wide KV head index (so a tensor-parallel rank draws its heads' rows of the single-process
         draw)."""
         from . import _C
+        from . import torch_kernels as tk
 
-        device = "cpu" if self.keys.device.type == "cpu" else f"cuda:{self.keys.device.index or 0}"
+        dev = self.keys.device
+        device = "cpu" if dev.type == "cpu" else f"cuda:{dev.index or 0}"
         sharded = per_kv_head and self.tp is not None
         if sharded:
             rows = self.tp.kv_heads
-        out = self._torch(_C.fill_scores(kind, self.batch, rows, self.n, seed=seed, layer=self.layer,
-                                         compression=self.compression, device=device, stream=self.stream))
+        if self._native:
+            out = self._empty(self.batch, rows, self.n)
+            _C.fill_scores(kind, self.batch, rows, self.n, seed=seed, layer=self.layer, compression=self.compression,
+                           device=device, stream=self.stream, out=out)
+        else:
+            out = tk.fill_scores(kind, self.batch, rows, self.n, seed=seed, layer=self.layer,
+                                 compression=self.compression, device=dev)
         if sharded:  # this rank's KV heads' rows of the model-wide draw
             offset = self.tp.kv_head_offset
             out = out[:, offset : offset + self.kv_heads].contiguous()
         return out
 
     def window_queries(self):
-        """The ring ``[B, Hq, R, D]`` (slot order) and each slot's key position."""
+        """The ring ``[B, Hq, R, D]`` (slot order) and each slot's key position (int64 on the device)."""
         import torch
 
         kv = self.kvcache
@@ -334,7 +366,7 @@ class ScoreContext:
         count = kv.num_queries(self.layer)
         if count < self.window:
             raise RuntimeError(f"layer {self.layer}: {count} selector queries recorded, {self.window} needed")
-        return ring, ring_positions(kv.ring_position(self.layer), self.window, self.length)
+        return ring, self._positions(0, self.window, ring_head=kv.ring_position(self.layer))
 
     def newest_query(self):
         import torch
@@ -346,42 +378,70 @@ class ScoreContext:
         slot = (kv.ring_position(self.layer) - 1) % self.window
         return ring[:, :, slot : slot + 1]
 
+    def _attn(self, queries, *, aggregation, pooling, kernel_size, **common):
+        from . import _C
+        from . import torch_kernels as tk
+
+        if not self._native:
+            return tk.attn_scores(queries, self.keys, self.start, self.end, aggregation=aggregation, pooling=pooling,
+                                  kernel_size=kernel_size, **common)
+        rows = 1 if aggregation == "all" else self.kv_heads
+        out = self._empty(self.batch, rows, self.n)
+        _C.attn_scores(queries, self.keys, self.start, self.end, aggregation=aggregation, pooling=pooling,
+                       kernel_size=kernel_size, stream=self.stream, out=out, **common)
+        return out
+
     def attention(self, queries, positions, *, norm, aggregation, gqa="mean_probs", query_reduce="sum",
                   pooling="avg", kernel_size=1):
-        from . import _C
-
-        common = dict(query_positions=positions, padding=self.padding, norm=norm, gqa=gqa,
-                      query_reduce=query_reduce, stream=self.stream)
+        common = dict(query_positions=positions, padding=self.padding, norm=norm, gqa=gqa, query_reduce=query_reduce)
         if self.tp is None or aggregation == "group":
-            out = _C.attn_scores(queries, self.keys, self.start, self.end, aggregation=aggregation,
-                                 pooling=pooling, kernel_size=kernel_size, **common)
-            return self._torch(out)
+            return self._attn(queries, aggregation=aggregation, pooling=pooling, kernel_size=kernel_size, **common)
         # All heads of all ranks: this rank's mean (unpooled) times its head count is its sum.
-        mean = self._torch(_C.attn_scores(queries, self.keys, self.start, self.end, aggregation="all",
-                                          pooling="avg", kernel_size=1, **common))
+        mean = self._attn(queries, aggregation="all", pooling="avg", kernel_size=1, **common)
         local, total = ((self.q_heads, self.total_q_heads) if gqa == "mean_probs"
                         else (self.kv_heads, self.total_kv_heads))  # "max_logits" averages KV heads
         return pool_scores(self.head_mean(mean * local, total), pooling, kernel_size)
+
+    def _rpc(self, queries, aggregation, pooling, kernel_size):
+        from . import _C
+        from . import torch_kernels as tk
+
+        if not self._native:
+            return tk.score(queries, self.keys, self.start, self.end, aggregation=aggregation, pooling=pooling,
+                            kernel_size=kernel_size)
+        import torch
+
+        rows = 1 if aggregation == "all" else self.kv_heads
+        out = self._empty(self.batch, rows, self.n)
+        args = dict(aggregation=aggregation, pooling=pooling, kernel_size=kernel_size)
+        workspace = None
+        if self.keys.device.type == "cuda":
+            size = _C.score_workspace_size(queries, self.keys, self.start, self.end, **args)
+            workspace = torch.empty(size + 256, dtype=torch.uint8, device=self.keys.device)
+            workspace = workspace[(-workspace.data_ptr()) % 256 :]  # 256-byte aligned
+        _C.score(queries, self.keys, self.start, self.end, stream=self.stream, out=out, workspace=workspace, **args)
+        return out
 
     def rpc_scores(self, aggregation: str, pooling: str, kernel_size: int):
         """RPC's scores (``_C.score``) of the ring's queries; under tensor parallelism with
         ``aggregation="all"`` the ranks' head sums are reduced before pooling (``head_mean``). The
         single-process cache runs the fused ``KVCache.compress`` instead."""
-        from . import _C
-
         queries, _ = self.window_queries()
         if self.tp is None or aggregation == "group":
-            out = _C.score(queries, self.keys, self.start, self.end, aggregation=aggregation, pooling=pooling,
-                           kernel_size=kernel_size, stream=self.stream)
-            return self._torch(out)
-        mean = self._torch(_C.score(queries, self.keys, self.start, self.end, aggregation="all", pooling="avg",
-                                    kernel_size=1, stream=self.stream))
+            return self._rpc(queries, aggregation, pooling, kernel_size)
+        mean = self._rpc(queries, "all", "avg", 1)
         return pool_scores(self.head_mean(mean * self.q_heads, self.total_q_heads), pooling, kernel_size)
 
     def redundancy(self, threshold: float):
         from . import _C
+        from . import torch_kernels as tk
 
-        return self._torch(_C.redundancy(self.keys, padding=self.padding, threshold=threshold, stream=self.stream))
+        if not self._native:
+            return tk.redundancy(self.keys, padding=self.padding, threshold=threshold)
+        B, H, L, _ = self.keys.shape
+        out = self._empty(B, H, L)
+        _C.redundancy(self.keys, padding=self.padding, threshold=threshold, stream=self.stream, out=out)
+        return out
 
     def accumulator(self):
         import torch

@@ -2,9 +2,10 @@
 frees nothing (on CUDA that would be cudaMalloc/cudaFree, each a device sync with the GIL held).
 
 All of rpc_py's host and device blocks are Storage objects, allocated and freed in one place that
-counts (``_C._alloc_counts()``). A CPU build runs exactly the scratch logic a CUDA build runs (only
-the block's device differs), so the host counts here stand for the device calls on a GPU; the CUDA
-variant of the generation test checks the device counts directly.
+counts (``_C._alloc_counts()``): the cache's storage and scratch, and every result or argument copy a
+binding makes, on the CPU as on CUDA (binding_util.c). A CPU build therefore takes exactly the
+branches a CUDA build takes (only the block's device differs), so the host counts here stand for the
+device calls on a GPU; the CUDA variant of the generation test checks the device counts directly.
 """
 
 import pytest
@@ -24,12 +25,18 @@ def counts():
 
 
 class CountingKVCache(_C.KVCache):
-    """Records the Storage counters after every compress call."""
+    """Records the Storage counters after every compression (RPC's fused compress, or the policies'
+    compact after their own scores and select)."""
 
     after = []
 
     def compress(self, *args, **kwargs):
         result = super().compress(*args, **kwargs)
+        CountingKVCache.after.append((counts(), self.scratch_nbytes))
+        return result
+
+    def compact(self, *args, **kwargs):
+        result = super().compact(*args, **kwargs)
         CountingKVCache.after.append((counts(), self.scratch_nbytes))
         return result
 
@@ -65,6 +72,50 @@ def test_generation_allocates_nothing_after_first_compression(counting_cache, ag
     for got, s in rest:
         assert got == first, "a compression after the first allocated or freed a block"
         assert s == scratch
+
+
+@pytest.mark.parametrize("policy", ["recent", "random", "tova", "h2o", "snapkv", "rkv"])
+def test_policy_generation_allocates_nothing_after_first_compression(counting_cache, policy):
+    """Every policy's scores, selection and compaction write into torch tensors the cache owns; query
+    positions and padding are built on the device: no rpc_py block per compression."""
+    model = make_model("llama", layers=2)
+    ids, mask, _ = prompts(3, [7, 4, 6])
+    rpc = RPCConfig(interval=8, window=4, ratio=2, policy=policy)
+    rpc_py.generate(model, input_ids=ids, attention_mask=mask, rpc=rpc, max_new_tokens=45, do_sample=False)
+    after = counting_cache.after
+    assert len(after) == 2 * ((45 - 1 - (8 + 4)) // 8 + 1)
+    first = after[0][0]
+    for got, _ in after[1:]:
+        assert got == first, f"{policy}: a compression after the first allocated or freed a block"
+
+
+def test_counters_see_host_results_like_device_ones():
+    """A result the binding allocates counts on the CPU as on CUDA; an out= tensor replaces it."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, 3, 40, generator=g)
+    a0, _ = counts()
+    _C.select(scores, 5)
+    assert counts()[0] == a0 + 1
+    out = torch.empty(2, 3, 5, dtype=torch.int64)
+    a1, _ = counts()
+    assert _C.select(scores, 5, out=out) is out
+    assert counts()[0] == a1
+    kv = _C.KVCache(1, 2, 2, 8, "float32", capacity=64, window=2, q_heads=2)
+    kv.append(0, torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g))
+    kv.record_query(0, torch.randn(2, 2, 2, 8, generator=g))
+    kv.compress(0, 4, 10)  # first compression: the scratch block
+    a2, _ = counts()
+    kv.append(0, torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g))
+    length, s, i = kv.compress(0, 4, 10, return_details=True)
+    assert counts()[0] == a2 + 2  # scores and indices handed to the caller: two counted blocks
+    kept = torch.empty(2, 1, 10, dtype=torch.int64)
+    kv.append(0, torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g))
+    a3, _ = counts()
+    kv.compress(0, 4, 10, indices_out=kept)
+    assert counts()[0] == a3
+    rows = kept[:, 0]
+    assert bool((rows[:, 1:] > rows[:, :-1]).all()) and int(rows.min()) >= 0
+    kv.close()
 
 
 def test_direct_compress_reuses_scratch_and_close_frees_it():

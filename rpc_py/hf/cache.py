@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .._report import format_bytes as _fmt_bytes
 from ..config import RPCConfig
 from ..policies import RPC, ScoreContext, ring_positions
+from .layer_ops import NativeOps, ops_for
 from .layout import SlotPositions, physical_mask
 from .parallel import TensorParallel, find_tensor_parallel
 
@@ -302,6 +303,16 @@ class RPCCacheLayer(CacheLayerMixin):
         self.device = key_states.device
         self.is_initialized = True
 
+    @property
+    def ops(self):
+        """The kernels this layer's cache runs (``rpc_py.hf.layer_ops``)."""
+        return self.cache.ops
+
+    def storage_views(self):
+        """Torch views of the layer's whole K and V storage ``[B, H, capacity, D]`` (zero-copy)."""
+        self._views()
+        return self._k_store, self._v_store
+
     def _views(self):
         kv = self.cache.kvcache
         gen = kv.generation(self.layer_idx)
@@ -340,9 +351,9 @@ class RPCCacheLayer(CacheLayerMixin):
             self._new_turn()
 
         stream = _stream_of(key_states)
-        if cache.max_capacity is not None:
+        if cache.max_capacity is not None and self.ops is NativeOps:
             self._grow(self.length + q, key_states.device, stream)
-        self.length = cache.kvcache.append(self.layer_idx, key_states, value_states, stream=stream)
+        self.length = self.ops.append(self, key_states, value_states, stream)
         self.seen += q
         if is_prefix:
             self.prompt_length = self.length  # never compressed
@@ -401,10 +412,10 @@ class RPCCacheLayer(CacheLayerMixin):
         stream = _stream_of(query)
         m = self.length - self.prompt_length - self.kept
         if rpc.policy.uses_accumulators and query.shape[-2] == 1:
-            kv.accumulate(self.layer_idx, query, stream=stream)  # H2O: attention received, every step
+            self.ops.accumulate(self, query, stream)  # H2O: attention received, every step
         # Only the last R queries before a compression are ever scored; skip the others.
         if query.shape[-2] == 1 and m > rpc.interval and rpc.policy.uses_queries:
-            kv.record_query(self.layer_idx, query, stream=stream)
+            self.ops.record_query(self, query, stream)
         if self.compress_due:
             self._compress(stream)
 
@@ -439,17 +450,18 @@ class RPCCacheLayer(CacheLayerMixin):
                 positions = ring_positions(kv.ring_position(i), rpc.window, self.length)
         timer = cache._timer_start(self.device)
         if isinstance(rpc.policy, RPC) and (cache.tensor_parallel is None or rpc.aggregation == "group"):
-            new_length, scores, indices = kv.compress(
-                i,
-                start,
-                keep,
-                aggregation=rpc.aggregation,
-                pooling=rpc.pooling,
-                kernel_size=rpc.kernel_size,
-                stream=stream,
-                return_details=True,  # the kept indices update the slot positions
-            )
-            scores, indices = _to_torch(scores), _to_torch(indices)
+            # The fused kernel writes the kept indices into a tensor of ours (torch's allocator: no
+            # device allocation or sync once warm) and keeps its scores in the cache's reused scratch
+            # unless a hook wants them.
+            rows = 1 if rpc.aggregation == "all" else self._k_store.shape[1]
+            batch = cache.batch_size_
+            indices = torch.empty(batch, rows, keep, dtype=torch.int64, device=self.device)
+            scores = None
+            if hook is not None:
+                n = self.length - rpc.window - start
+                scores = torch.empty(batch, rows, n, dtype=torch.float32, device=self.device)
+            # the kept indices update the slot positions
+            new_length = self.ops.compress_rpc(self, start, keep, rpc, indices, scores, stream)
         else:  # other policies, and RPC over all heads of a tensor-parallel model (scores reduced over ranks)
             new_length, scores, indices = self._compress_policy(rpc.policy, start, keep, stream)
         cache._timer_stop(timer)
@@ -484,8 +496,6 @@ class RPCCacheLayer(CacheLayerMixin):
 
     def _compress_policy(self, policy, start: int, keep: int, stream):
         """Scores from the policy, then the shared select and in-place compaction kernels."""
-        from .. import _C
-
         cache = self.cache
         kv = cache.kvcache
         keys, _ = self._views()
@@ -500,18 +510,18 @@ class RPCCacheLayer(CacheLayerMixin):
             q_heads=cache.num_q_heads,
             kv_heads=keys.shape[1],
             batch=keys.shape[0],
-            padding=cache.padding_for(keys.shape[0]),
+            padding=cache.padding_tensor(keys.shape[0], keys.device),
             keys=keys,
             stream=stream,
             tp=cache.tensor_parallel,
+            kernels=self.ops.name,
         )
         if isinstance(policy, RPC):
             scores = ctx.rpc_scores(cache.rpc.aggregation, cache.rpc.pooling, cache.rpc.kernel_size)
         else:
             scores = policy.scores(ctx)
         scores = scores.to(torch.float32).contiguous()
-        indices = _to_torch(_C.select(scores, keep, stream=stream))
-        new_length = kv.compact(self.layer_idx, start, indices, stream=stream)
+        new_length, indices = self.ops.select_compact(self, scores, keep, start, stream)
         return new_length, scores, indices
 
     def get_seq_length(self) -> int:
@@ -638,9 +648,11 @@ class RPCCache(Cache):
         self.keep_layouts = keep_layouts
         self.padding = None if padding is None else [int(p) for p in torch.as_tensor(padding).reshape(-1).tolist()]
         self.kvcache = None
+        self.ops = None  # rpc_py.hf.layer_ops.NativeOps or TorchOps, chosen with the first tokens
         self.closed = False
         self.compression_hook = None  # callable(CompressionEvent), for debugging and tests
         self._timings: list = []  # floats (CPU) or (start, end) CUDA event pairs
+        self._padding_tensors: dict = {}  # (batch, device) -> int64 padding counts (padding_tensor)
         self._final_stats: RPCStats | None = None
         super().__init__(layers=[RPCCacheLayer(self, i) for i in range(self.num_layers)])
 
@@ -684,6 +696,13 @@ class RPCCache(Cache):
         if tp is not None:
             # Every rank must run the same generation: the collectives of the compressions pair up only then.
             tp.check_agreement(self._agreement_fields(key_states), key_states.device)
+        self.ops = ops_for(key_states.device)
+        if key_states.device.type == "cuda" and self.ops is NativeOps:
+            # The first use of each kernel family on a CUDA device checks it against the CPU kernels
+            # (rpc_py.selfcheck): a kernel that is wrong on this GPU raises instead of keeping wrong tokens.
+            from ..selfcheck import ensure
+
+            ensure(key_states.device, self._kernel_families(), dtype=key_states.dtype, head_dim=head_dim)
         self.kvcache = _kvcache_class()(
             self.num_layers,
             batch,
@@ -703,6 +722,17 @@ class RPCCache(Cache):
                 )
             self.kvcache.set_padding(self.padding_for(batch))
         self.batch_size_ = batch
+
+    def _kernel_families(self) -> list[str]:
+        """The kernel families (``rpc_py.selfcheck.FAMILIES``) this cache's generation will run."""
+        families = ["copy"]
+        rpc = self.rpc
+        if rpc.enabled:
+            if isinstance(rpc.policy, RPC) and (self.tensor_parallel is None or rpc.aggregation == "group"):
+                families.append("compress")  # the fused kernel
+            else:
+                families += ["select", "compact", *rpc.policy.kernel_families]
+        return families
 
     def _agreement_fields(self, key_states: torch.Tensor) -> dict:
         """What all tensor-parallel ranks of one generation must share (checked on the first update)."""
@@ -726,6 +756,16 @@ class RPCCache(Cache):
         if len(self.padding) == batch:
             return list(self.padding)
         return [p for p in self.padding for _ in range(batch // len(self.padding))]
+
+    def padding_tensor(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``padding_for(batch)`` as an int64 tensor on ``device``, built once per cache and device (the
+        kernels read it in place: no copy per compression)."""
+        key = (batch, str(device))
+        cached = self._padding_tensors.get(key)
+        if cached is None:
+            cached = torch.tensor(self.padding_for(batch), dtype=torch.int64).to(device)
+            self._padding_tensors[key] = cached
+        return cached
 
     def _timer_start(self, device):
         if device is not None and device.type == "cuda":
