@@ -13,6 +13,7 @@ re-exports the core types and says which backends this build and this machine pr
 from rpc_py import _C
 from rpc_py._C import KVCache, Storage, View
 from rpc_py.config import RPCConfig
+from rpc_py.kernel_choice import kernels, set_kernels, use_kernels
 
 __version__ = "0.1.0"
 
@@ -50,12 +51,16 @@ def __getattr__(name):
         from rpc_py import api
 
         return getattr(api, name)
+    if name == "KernelCheckError":  # needs torch: imported on first use
+        from rpc_py.selfcheck import KernelCheckError
+
+        return KernelCheckError
     raise AttributeError(f"module 'rpc_py' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_HF_NAMES))
+    return sorted(set(globals()) | set(_HF_NAMES) | {"KernelCheckError"})
 
 
 __all__ = ["KVCache", "View", "Storage", "RPCConfig", "backend_features", "cuda_available", "__version__",
-           *_HF_NAMES]
+           "kernels", "set_kernels", "use_kernels", "KernelCheckError", *_HF_NAMES]

@@ -39,6 +39,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _C
 from ..config import RPCConfig
+from ..kernel_choice import kernels
+from ..selfcheck import ensure
 from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache
 from .generate import _LAST, _cache_kwarg, check_model_supported
@@ -333,6 +335,9 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     device = input_ids.device
     if capture and device.type != "cuda":
         raise ValueError(f"capture=True needs a CUDA model, got input_ids on {device}")
+    if kernels() != "native":
+        raise ValueError("static decoding runs rpc_py's own decode kernels, but the pure-torch kernels are selected "
+                         "(rpc_py.set_kernels / RPC_PY_KERNELS); use rpc_py.generate")
     if capture:
         blockers = capture_blockers(model)
         tp = find_tensor_parallel(model)
@@ -346,6 +351,10 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     settings = _generation_settings(model, dict(generation_kwargs))
     rpc = rpc if rpc is not None else RPCConfig(enabled=False)
     B, Lp = input_ids.shape
+    if device.type == "cuda":  # the decode kernels' first use on this device: checked against the CPU ones
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        ensure(device, ["decode"], dtype=model.dtype, head_dim=head_dim)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     padding = (attention_mask.cumsum(-1) == 0).sum(-1)
@@ -509,6 +518,8 @@ def graph_generate(model, input_ids, attention_mask=None, rpc: RPCConfig | None 
         reason = f"the model runs on {input_ids.device} (CUDA graphs need a CUDA device)"
     elif not _C.cuda_built():
         reason = "rpc_py was built without CUDA"
+    elif kernels() != "native":
+        reason = "the pure-torch kernels are selected (rpc_py.set_kernels / RPC_PY_KERNELS)"
     else:
         reason = _unsupported_generation(model, generation_kwargs)
         if reason is not None:
