@@ -1,15 +1,18 @@
 """How long does one RPC compression of one layer take?
 
 Times, in the same run and on the same inputs:
-  rpc_py      KVCache.compress of one layer: score + select + compact in place, scratch reused (the
-              path generation takes; on CUDA nothing is allocated, nothing syncs),
+  rpc_py      KVCache.compress of one layer: score + select + compact in place, scratch reused, the
+              kept indices written into a torch tensor (indices_out), exactly as RPCCache calls it (on
+              CUDA rpc_py allocates nothing and nothing syncs),
   rpc_py_ops  rpc_py.ops.compress (allocates its score/index outputs and scoring workspace per call),
   rpc_py_v1_score (CUDA) the previous WMMA scoring kernels (version=1) + select + compact,
   reference   rpc_py.reference.compress_reference (float64 oracle),
   public      rpc_py.reference.public_algorithm_reference (the public code's style: input-dtype logits
               over all L tokens with K repeated G times, softmax, topk, gather + cat), in the input dtype.
 Reports ms per layer (median of --repeats, runs interleaved), speedups, and the achieved bandwidth
-of rpc_py against the minimum traffic (read the candidate keys once + read and write the kept K and V).
+of rpc_py against the minimum traffic (read the candidate keys once + read and write the kept K and V),
+also as a fraction of the device's own copy rate measured first in the same run. The JSON is written
+after every length, so a run stopped by a time limit keeps what it measured.
 
 Cache length L = prompt + n*T + P + R with T = P // ratio; the n-th compression keeps (n+1)*T of the
 N = L - prompt - R candidates.
@@ -28,7 +31,7 @@ import time
 import torch
 
 from rpc_py import _C, ops
-from rpc_py._report import cpu_name
+from rpc_py._report import copy_bandwidth_gbps, cpu_name
 from rpc_py.reference import compress_reference, public_algorithm_reference
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,6 +53,8 @@ def parse_args():
     p.add_argument("--repeats", type=int)
     p.add_argument("--no-reference", action="store_true", help="skip the (slow) float64 oracle")
     p.add_argument("--json", help="output path (default benchmarks/results/bench_compress_<device>.json)")
+    p.add_argument("--copy-gbps", type=float, help="the device's copy rate in GB/s (default: measured first, or "
+                                                     "RPC_PY_COPY_GBPS)")
     a = p.parse_args()
     cuda = a.device == "cuda"
     a.batch = a.batch or (32 if cuda else 4)
@@ -119,8 +124,10 @@ def bench_length(a, L, run):
         kv.append(0, k0, v0, stream=stream)
         kv.record_query(0, q, stream=stream)
 
+    rows_per_seq = 1  # aggregation "all", RPC's default
     def ours():
-        kv.compress(0, a.prompt, keep, stream=stream)
+        kept = torch.empty(B, rows_per_seq, keep, dtype=torch.int64, device=dev)  # as RPCCache does
+        kv.compress(0, a.prompt, keep, stream=stream, indices_out=kept)
 
     def ours_v1():  # the previous scoring kernels (WMMA, version=1); select and compaction are the current ones
         s = _C.score(q, k, a.prompt, L - R, stream=stream, version=1)
@@ -155,6 +162,7 @@ def bench_length(a, L, run):
         "min_bytes": min_bytes,
         "rpc_py_GBps": min_bytes / (ms["rpc_py"] * 1e-3) / 1e9,
     }
+    row["rpc_py_of_copy"] = row["rpc_py_GBps"] / a.copy_gbps
     if "reference" in ms:
         row["speedup_vs_reference"] = ms["reference"] / ms["rpc_py"]
     return row
@@ -165,7 +173,8 @@ def main():
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     run = timer(a.device)
-    rows = [bench_length(a, L, run) for L in a.lengths]
+    a.copy_gbps = a.copy_gbps or copy_bandwidth_gbps(a.device, nbytes=(1 << 30) if a.device == "cuda" else (1 << 26))
+    rows = []
     result = {
         "benchmark": "bench_compress",
         "device": a.device,
@@ -174,18 +183,23 @@ def main():
         "config": {"batch": a.batch, "q_heads": a.q_heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim,
                    "dtype": a.dtype, "prompt": a.prompt, "window": a.window, "interval": a.interval,
                    "ratio": a.ratio, "repeats": a.repeats},
+        "copy_GBps": a.copy_gbps,
         "rows": rows,
     }
     if a.device == "cpu":
         result["cpu_isa"] = _C._cpu_isa()
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(result, f, indent=2)
+    for L in a.lengths:
+        rows.append(bench_length(a, L, run))
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, a.json)
     print(f"machine: {result['machine']}" + (f", isa {result['cpu_isa']}" if "cpu_isa" in result else ""))
     print(f"B={a.batch} Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} {a.dtype} R={a.window} "
           f"P={a.interval} c={a.ratio}; ms per layer (median of {a.repeats}); JSON: {a.json}")
     head = f"{'L':>6} {'N':>6} {'keep':>6} {'rpc_py':>9} {'ops':>9} {'v1 score':>9} {'public':>9} {'ref f64':>9} " \
-           f"{'x public':>9} {'x ref':>7} {'GB/s':>7}"
+           f"{'x public':>9} {'x ref':>7} {'GB/s':>7} {'of copy':>7}"
     print(head)
     for r in rows:
         ref = r["ms"].get("reference")
@@ -195,7 +209,8 @@ def main():
         v1_ms = f"{v1:.3f}" if v1 else "-"
         print(f"{r['L']:>6} {r['N']:>6} {r['keep']:>6} {r['ms']['rpc_py']:>9.3f} {r['ms']['rpc_py_ops']:>9.3f} "
               f"{v1_ms:>9} {r['ms']['public']:>9.2f} {ref_ms:>9} {r['speedup_vs_public']:>9.2f} {ref_x:>7} "
-              f"{r['rpc_py_GBps']:>7.2f}")
+              f"{r['rpc_py_GBps']:>7.2f} {r['rpc_py_of_copy']:>7.3f}")
+    print(f"of copy = rpc_py's minimum traffic / time as a fraction of the copy rate ({a.copy_gbps:.1f} GB/s)")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@ One question: how fast is one layer's decode attention over a fixed-capacity cac
 is read on the device, compared with SDPA over exactly the live slice (enable_gqa, no mask, the
 fastest backend torch picks)? On CUDA each variant is timed as a CUDA graph of --iters calls (the way
 the static decode loop runs; --no-graph times an eager loop). Prints a table (time per call, achieved
-K+V read bandwidth = K+V bytes of the live length / time) and writes JSON. CUDA by default (R1-Distill-Qwen-7B shape: 28 query heads, 4 KV heads, head_dim 128, bf16);
+K+V read bandwidth = K+V bytes of the live length / time, also as a fraction of the device's copy rate
+measured in the same run) and writes JSON after every size. CUDA by default (R1-Distill-Qwen-7B shape: 28 query heads, 4 KV heads, head_dim 128, bf16);
 ``--device cpu`` runs small CPU sizes.
 
     python benchmarks/bench_decode_attention.py [--device cuda|cpu] [--batch 1 32] [--lengths 4096 16384 65536]
@@ -13,11 +14,13 @@ K+V read bandwidth = K+V bytes of the live length / time) and writes JSON. CUDA 
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
 from rpc_py import _C
+from rpc_py._report import copy_bandwidth_gbps
 
 
 def timeit(fn, device, iters):
@@ -71,8 +74,12 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--json", default="bench_decode_attention.json")
     ap.add_argument("--no-graph", action="store_true", help="time an eager loop instead of a captured graph")
+    ap.add_argument("--copy-gbps", type=float, help="the device's copy rate in GB/s (default: measured first, or "
+                                                      "RPC_PY_COPY_GBPS)")
     a = ap.parse_args()
     dev = a.device
+    copy_gbps = a.copy_gbps or copy_bandwidth_gbps(dev, nbytes=(1 << 30) if dev == "cuda" else (1 << 26))
+    print(f"device copy rate: {copy_gbps:.1f} GB/s (read + write)")
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     batches = a.batch or ([1, 32] if dev == "cuda" else [1, 4])
     lengths = a.lengths or ([4096, 16384, 32768, 65536] if dev == "cuda" else [1024, 4096])
@@ -124,8 +131,14 @@ def main():
             row = dict(batch=B, length=L, q_heads=Hq, kv_heads=Hkv, head_dim=D, dtype=str(dtype), splits=splits,
                        graph=graph, v2_s=t_v2, v1_s=t_v1, sdpa_s=t_sdpa, v2_GBps=gbps(t_v2), v1_GBps=gbps(t_v1),
                        sdpa_GBps=gbps(t_sdpa), kv_bytes=nbytes, max_abs_err=err, device=dev,
-                       machine=torch.cuda.get_device_name() if dev == "cuda" else "cpu")
+                       machine=torch.cuda.get_device_name() if dev == "cuda" else "cpu", copy_GBps=copy_gbps,
+                       v2_of_copy=gbps(t_v2) / copy_gbps if t_v2 else None, v1_of_copy=gbps(t_v1) / copy_gbps,
+                       sdpa_of_copy=gbps(t_sdpa) / copy_gbps)
             rows.append(row)
+            tmp = a.json + ".tmp"
+            with open(tmp, "w") as fh:  # after every size: a run stopped by a time limit keeps what it measured
+                json.dump(rows, fh, indent=1)
+            os.replace(tmp, a.json)
             f = lambda x, w, p: f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"  # noqa: E731
             print(f"{B:>5} {L:>7} {f(t_v2 and 1e3 * t_v2, 8, 3)} {f(1e3 * t_v1, 8, 3)} {1e3 * t_sdpa:>8.3f} "
                   f"{f(row['v2_GBps'], 8, 1)} {row['v1_GBps']:>8.1f} {row['sdpa_GBps']:>9.1f} "
@@ -133,6 +146,9 @@ def main():
             k = v = ks = vs = None  # free before the next size is allocated
     with open(a.json, "w") as f:
         json.dump(rows, f, indent=1)
+    print(f"fraction of the copy rate ({copy_gbps:.0f} GB/s): " + ", ".join(
+        f"B={r['batch']} L={r['length']}: v2 {r['v2_of_copy'] or 0:.2f} v1 {r['v1_of_copy']:.2f} "
+        f"sdpa {r['sdpa_of_copy']:.2f}" for r in rows))
 
 
 if __name__ == "__main__":

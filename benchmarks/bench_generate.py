@@ -487,7 +487,9 @@ def _spread(values):
     return statistics.median(vals), min(vals), max(vals)
 
 
-def run_end_to_end(model, args, clock):
+def run_end_to_end(model, args, clock, checkpoint=lambda partial: None):
+    """``checkpoint(partial)`` is called after every measured run with what is known so far, so that a
+    run killed by a time limit still leaves its measurements in the JSON."""
     ids, mask = make_prompts(model, args)
     configs = list(args.configs)
     runs, skipped, outputs = [], [], {}
@@ -505,6 +507,7 @@ def run_end_to_end(model, args, clock):
         meas.update(config=config, repeat=repeat)
         runs.append(meas)
         outputs.setdefault(config, out[:, ids.shape[1]:].cpu())
+        checkpoint({"skipped": skipped, "details": {"runs": runs}})
         _tick(bar, f"{config} {meas['decode_tokens_per_s']:.0f} tok/s")
     if bar is not None:
         bar.close()
@@ -619,8 +622,10 @@ def _time_compression(args, dims, length, keep, dtype, device, repeats):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            rows = 1 if rpc.aggregation == "all" else kv_heads
+            kept = torch.empty(args.batch, rows, keep, dtype=torch.int64, device=device)  # as RPCCache does
             kv.compress(0, args.prompt, keep, aggregation=rpc.aggregation, pooling=rpc.pooling,
-                        kernel_size=rpc.kernel_size, stream=stream)
+                        kernel_size=rpc.kernel_size, stream=stream, indices_out=kept)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i > 0:
@@ -652,7 +657,8 @@ def integrate(curve, lengths_at_steps, extra_ms=0.0):
     return total, None
 
 
-def run_sweep(model, args, clock):
+def run_sweep(model, args, clock, checkpoint=lambda partial: None):
+    """``checkpoint(partial)``: called after every measured point (see ``run_end_to_end``)."""
     device = args.device
     dims = _model_dims(model)
     layers, q_heads, kv_heads, head_dim = dims
@@ -692,6 +698,7 @@ def run_sweep(model, args, clock):
                            "decode_tok_s_at_length": args.batch * 1e3 / med,
                            "kv_mib_at_length": bytes_per_token * args.batch * L / MIB,
                            "peak_mem_mib": (mem["peak_bytes"] or 0) / MIB})
+            checkpoint({"skipped": skipped, "measured": {"step_time": points, "compression": []}})
             _tick(bar, f"{kind} L={L} {med:.2f} ms")
     if bar is not None:
         bar.close()
@@ -708,6 +715,7 @@ def run_sweep(model, args, clock):
         ms = _time_compression(args, dims, before, rpc.kept_after(n + 1), dtype, device, repeats=3)
         compress_ms.append({"compression": n, "length_before": before, "keep": rpc.kept_after(n + 1),
                             "ms_per_layer": ms, "ms_all_layers": ms * layers})
+        checkpoint({"skipped": skipped, "measured": {"step_time": points, "compression": compress_ms}})
 
     integrated = []
     for out_len in args.sweep_outputs:
@@ -857,19 +865,29 @@ def main(argv=None):
     data = {"benchmark": "bench_generate", "mode": "sweep" if args.sweep else "end_to_end",
             "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
             "machine": machine_info(args.device), "versions": versions(), "settings": settings}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+
+    def write(snapshot):
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(snapshot, f, indent=1)
+        os.replace(tmp, args.json)  # a reader never sees half a file
+
+    def checkpoint(partial):
+        write(dict(data, **partial, partial=True, elapsed_s=clock()))
+
+    checkpoint({})
     if args.sweep:
         settings.update(sweep_lengths=args.sweep_lengths, sweep_steps=args.sweep_steps,
                         sweep_outputs=args.sweep_outputs,
                         sweep_note=("step time = one model forward (q=1) + argmax outside generate(), on a cache "
                                     "filled with random K/V; totals are " + INTEGRATED))
-        data.update(run_sweep(model, args, clock))
+        data.update(run_sweep(model, args, clock, checkpoint))
     else:
-        data.update(run_end_to_end(model, args, clock))
+        data.update(run_end_to_end(model, args, clock, checkpoint))
     data["elapsed_s"] = clock()
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(data, f, indent=1)
+    data["partial"] = False
+    write(data)
     png = None
     if not args.no_plot:
         try:

@@ -5,15 +5,31 @@
 # racecheck: shared-memory data races (the score/select kernels reduce through shared memory).
 # torch's caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so every torch tensor
 # is its own cudaMalloc block and an overrun into a neighbouring tensor is reported instead of
-# landing silently inside torch's pool. Skips (exit 0) with a message when there is no GPU, no CUDA
-# build of rpc_py or no compute-sanitizer; fails when either tool reports anything or a test fails.
+# landing silently inside torch's pool.
+#
+# Fails (exit 2) when the interpreter it was given cannot import rpc_py: a sanitizer stage that
+# checks nothing must not pass. Skips (exit 0) with a message when there is no GPU, no CUDA build of
+# rpc_py or no compute-sanitizer (RPC_PY_CS_REQUIRE=1 turns each of those into a failure too); fails
+# when either tool reports anything or a test fails.
 #
 # Usage: ci/compute_sanitizer.sh [pytest args]
 #   default args: -q tests/test_compress_cuda.py tests/test_kvcache.py -m cuda
+#   PYTHON=python3                         the interpreter that has rpc_py (default: python)
 #   RPC_PY_CS_TOOLS="memcheck racecheck"   tools to run (synccheck, initcheck also work)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
+REQUIRE="${RPC_PY_CS_REQUIRE:-0}"
+skip() {
+    if [ "$REQUIRE" = 1 ]; then echo "compute_sanitizer: FAIL ($1; RPC_PY_CS_REQUIRE=1)" >&2; exit 3; fi
+    echo "compute_sanitizer: SKIP ($1)"
+    exit 0
+}
+if ! out="$("$PY" -c 'import rpc_py, sys; print(rpc_py.__file__)' 2>&1)"; then
+    echo "compute_sanitizer: FAIL: '$PY' cannot import rpc_py (set PYTHON to the interpreter it is installed in):" >&2
+    echo "$out" | tail -3 >&2
+    exit 2
+fi
 CS="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || true)}"
 if [ -z "$CS" ]; then
     for root in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
@@ -21,12 +37,10 @@ if [ -z "$CS" ]; then
     done
 fi
 if [ -z "$CS" ] || [ ! -x "$CS" ]; then
-    echo "compute_sanitizer: SKIP (compute-sanitizer not found; set COMPUTE_SANITIZER or CUDA_HOME)"
-    exit 0
+    skip "compute-sanitizer not found; set COMPUTE_SANITIZER or CUDA_HOME"
 fi
-if ! "$PY" -c 'import sys, rpc_py; sys.exit(0 if rpc_py.cuda_available() else 1)' 2>/dev/null; then
-    echo "compute_sanitizer: SKIP (no usable CUDA device or rpc_py built without CUDA)"
-    exit 0
+if ! "$PY" -c 'import sys, rpc_py; sys.exit(0 if rpc_py.cuda_available() else 1)'; then
+    skip "no usable CUDA device or rpc_py built without CUDA"
 fi
 PYBIN="$("$PY" -c 'import sys; print(sys.executable)')"
 if [ "$#" -gt 0 ]; then ARGS=("$@"); else

@@ -52,9 +52,10 @@ fi
 echo "   installed in $((SECONDS - t0)) s"
 
 # The suite without the package: nothing here can shadow the installed rpc_py.
-mkdir -p "$SUITE/benchmarks"
+mkdir -p "$SUITE/benchmarks" "$SUITE/ci"
 cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/pyproject.toml" "$SUITE/"
-cp "$REPO"/benchmarks/*.py "$SUITE/benchmarks/"
+cp "$REPO"/benchmarks/*.py "$REPO"/benchmarks/*.sh "$SUITE/benchmarks/"
+cp "$REPO"/ci/*.sh "$SUITE/ci/"  # the scripts whose behaviour tests/test_ci_scripts.py checks
 find "$SUITE" -name __pycache__ -prune -exec rm -rf {} +
 cd "$SUITE"
 "$VPY" - "$VENV" <<'PYEOF'

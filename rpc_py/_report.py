@@ -26,3 +26,39 @@ def cpu_name(fallback: str | None = None) -> str:
     except OSError:
         pass
     return fallback or platform.processor() or platform.machine()
+
+
+def copy_bandwidth_gbps(device="cuda", nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """The device's own copy rate in GB/s, bytes read plus bytes written (``dst.copy_(src)`` of
+    ``nbytes``, median of ``repeats``): the yardstick every bandwidth of a benchmark is divided by.
+    ``RPC_PY_COPY_GBPS`` in the environment (set by benchmarks/gpu_check.sh after measuring it once)
+    is returned instead, so that every step of a run uses the same figure."""
+    import os
+    import statistics
+    import time
+
+    import torch
+
+    env = os.environ.get("RPC_PY_COPY_GBPS")
+    if env:
+        return float(env)
+    device = torch.device(device)
+    n = max(1, nbytes // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        if i >= 2:  # two warm-up copies
+            times.append(seconds)
+    return 2 * n * 4 / statistics.median(times) / 1e9
