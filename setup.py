@@ -1,6 +1,6 @@
 """Build script for the rpc_py._C extension.
 
-One extension module: the C files in csrc/ (CPython C API + NumPy C API) and, when CUDA is built,
+One extension module: the C files in csrc/*/ (CPython C API + NumPy C API) and, when CUDA is built,
 the .cu files compiled by nvcc and linked with the static CUDA runtime, so the shared object needs
 no library path at run time.
 
@@ -175,13 +175,16 @@ if CUDA_MODE != "0":
 WITH_CUDA = NVCC is not None
 CUDA_HOME = _cuda_home(NVCC) if WITH_CUDA else None
 
-c_sources = sorted(glob.glob(os.path.join("csrc", "*.c")))
-cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+# csrc/kernels: pure C/CUDA (no Python); csrc/runtime: the CUDA runtime shim (or its CPU-only stand-in);
+# csrc/python: the module, its types and the bindings. Headers are found by name in all three.
+CSRC_LAYERS = ("kernels", "runtime", "python")
+c_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.c")))
+cu_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
 if WITH_CUDA:
     sources = [s for s in c_sources if os.path.basename(s) != "cuda_stub.c"] + cu_sources
 else:
     sources = c_sources
-depends = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.cuh")))
+depends = sorted(glob.glob(os.path.join("csrc", "*", "*.h")) + glob.glob(os.path.join("csrc", "*", "*.cuh")))
 
 cflags = ["-O3", "-std=c11", "-fvisibility=hidden"]
 ldflags = []
@@ -211,7 +214,7 @@ if SANITIZE:
     ldflags += san
 
 library_dirs = []
-include_dirs = [os.path.join(HERE, "csrc"), numpy.get_include()]
+include_dirs = [os.path.join(HERE, "csrc", layer) for layer in CSRC_LAYERS] + [numpy.get_include()]
 nvcc_flags = []
 if WITH_CUDA:
     macros.append(("RPC_PY_WITH_CUDA", "1"))

@@ -1,7 +1,7 @@
 """CPU-side evidence about the CUDA kernels, without a GPU: compile them for sm_90, read the ptxas
 report and the SASS, and estimate what the inner loops cost per byte of KV they stream.
 
-For every kernel of ``csrc/*.cu``: registers, spill bytes, static shared memory (ptxas ``-v``), and,
+For every kernel of ``csrc/kernels/*.cu``: registers, spill bytes, static shared memory (ptxas ``-v``), and,
 for the kernels that stream K/V, the main loop of the SASS (``cuobjdump -sass``). A loop is found by its
 back edge: a branch whose target lies at a lower address; its body is [target, branch]. The main loop
 of a kernel is the largest loop that holds the kernel's streaming instruction (``LDGSTS`` = cp.async,
@@ -83,7 +83,7 @@ def short_name(demangled: str) -> str:
 
 
 def compile_cubin(src: str, arch: str, out: str) -> str:
-    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-O3", "--std=c++17", "-I", os.path.join(ROOT, "csrc"),
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-O3", "--std=c++17", "-I", os.path.join(ROOT, "csrc", "kernels"),
            "-Xptxas", "-v", src, "-o", out]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -210,7 +210,7 @@ def streaming(name: str) -> dict | None:
     if m and m.group(5) == "true":  # the D = 16 * KS instantiations (64, 128, 256); the others run other D
         KS, SPW = int(m.group(2)), int(m.group(3))
         D = 16 * KS
-        # the launcher's plan (score_plan in compress_cuda.cu) for the compression shape
+        # the launcher's plan (score_plan in score_cuda.cu) for the compression shape
         stripes = -(-(CMP["Hq"] // CMP["Hkv"] * CMP["R"]) // 16)
         groups = -(-stripes // (8 * SPW))
         warps = -(-(-(-stripes // groups)) // SPW)
@@ -278,14 +278,15 @@ def main(argv=None):
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--cuobjdump", default=None)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "sass_report_sm90.json"))
-    ap.add_argument("--sources", nargs="*", default=None, help="default: csrc/compress_cuda.cu csrc/decode_cuda.cu")
+    ap.add_argument("--sources", nargs="*", default=None, help="default: the scoring, compaction and decode kernels (csrc/kernels/)")
     args = ap.parse_args(argv)
     if not shutil.which("nvcc"):
         sys.exit("nvcc not found")
     cuobjdump = find_tool("cuobjdump", args.cuobjdump)
     if not cuobjdump:
         sys.exit("cuobjdump not found: install it (pip install nvidia-cuda-cuobjdump) or pass --cuobjdump PATH")
-    sources = args.sources or [os.path.join(ROOT, "csrc", f) for f in ("compress_cuda.cu", "decode_cuda.cu")]
+    sources = args.sources or [os.path.join(ROOT, "csrc", "kernels", f)
+                               for f in ("score_cuda.cu", "compact_cuda.cu", "decode_cuda.cu")]
     nvcc_version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     kernels = []
     with tempfile.TemporaryDirectory() as tmp:

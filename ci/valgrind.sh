@@ -42,7 +42,7 @@ set -e
 echo "   ran in $(( $(date +%s) - t0 ))s, exit status $rc"
 [ "$rc" -eq 0 ] || { tail -50 "$SCRATCH/memcheck.log"; echo "FAIL: smoke script failed under valgrind" >&2; exit 1; }
 
-"$PY" - "$SCRATCH/memcheck.log" csrc/*.c csrc/*.cu <<'PYEOF'
+"$PY" - "$SCRATCH/memcheck.log" csrc/*/*.c csrc/*/*.cu <<'PYEOF'
 import os
 import re
 import sys

@@ -698,7 +698,66 @@ done:
 
 #define KWFN(f) (PyCFunction)(void (*)(void))(f)
 
+/* -------------------------------------------------------------------------------------------- pool */
+
+static PyObject *pol_pool(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"scores", "pooling", "kernel_size", "stream", "out", NULL};
+    PyObject *s_obj, *stream_obj = Py_None, *out_obj = Py_None;
+    const char *pool_name;
+    int kernel_size;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Osi|$OO:pool", kwlist, &s_obj, &pool_name, &kernel_size,
+                                     &stream_obj, &out_obj))
+        return NULL;
+    rpc_pooling pool;
+    intptr_t stream;
+    if (rpc_parse_pooling(pool_name, &pool) < 0 || rpc_check_kernel_size(kernel_size) < 0 ||
+        rpc_parse_stream(stream_obj, &stream) < 0)
+        return NULL;
+    PyObject *s_keep = NULL, *result = NULL;
+    rpc_result o;
+    memset(&o, 0, sizeof o);
+    rpc_tensor t;
+    rpc_module_state *st = rpc_get_state(module);
+    if (rpc_from_dlpack(s_obj, "scores", stream, &t, &s_keep) < 0) goto done;
+    if (rpc_check_ndim_dtype(&t, "scores", 3, RPC_F32) < 0 || rpc_sizes_fit(t.shape, 3, "scores") < 0) goto done;
+    const int64_t B = t.shape[0], A = t.shape[1], N = t.shape[2];
+    if ((N > 1 && t.strides[2] != 1) || (A > 1 && t.strides[1] != N) || (B > 1 && t.strides[0] != A * N)) {
+        PyErr_SetString(PyExc_ValueError, "scores: expected a C-contiguous float32 tensor [B, A, N]");
+        goto done;
+    }
+    if (t.device_type == RPC_DEV_CUDA && pol_cuda_usable(t.device_id, "scores") < 0) goto done;
+    if (rpc_result_init(&o, t.device_type, t.device_id, RPC_F32, 3, t.shape) < 0 ||
+        rpc_result_use_out(&o, out_obj, "out", stream) < 0 || rpc_result_alloc(&o, st, 0, stream) < 0)
+        goto done;
+    if (o.data == t.data && B * A * N > 0) {
+        PyErr_SetString(PyExc_ValueError, "out: must not be the scores tensor itself (pooling reads neighbours)");
+        goto done;
+    }
+    char err[RPC_ERR_LEN] = {0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = t.device_type == RPC_DEV_CPU
+             ? rpc_cpu_pool((const float *)t.data, B * A, N, pool, kernel_size, (float *)o.data, err)
+             : rpc_cuda_pool(t.device_id, (const float *)t.data, B * A, N, pool, kernel_size, (float *)o.data,
+                             (void *)stream, err);
+    Py_END_ALLOW_THREADS
+    if (rc != RPC_OK) {
+        rpc_raise_status(rc, err);
+        goto done;
+    }
+    result = rpc_result_take(&o, st, 0);
+done:
+    rpc_result_release(&o);
+    Py_XDECREF(s_keep);
+    return result;
+}
+
 static PyMethodDef policy_methods[] = {
+    {"pool", KWFN(pol_pool), METH_VARARGS | METH_KEYWORDS,
+     "pool(scores, pooling, kernel_size, *, stream=None, out=None)\n--\n\n"
+     "RPC's pooling alone (the definition every kernel shares, rpc_pool_at in rpc.h): C-contiguous float32\n"
+     "scores [B, A, N] pooled along N, stride 1, padding kernel_size // 2 ('avg' counts the padding, 'max'\n"
+     "ignores it), summed in double and rounded once. For scores reduced across processes before pooling."},
     {"attn_scores", KWFN(pol_attn_scores), METH_VARARGS | METH_KEYWORDS,
      "attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm='candidates',\n"
      "            gqa='mean_probs', query_reduce='sum', aggregation='all', pooling='avg', kernel_size=1,\n"

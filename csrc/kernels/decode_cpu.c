@@ -15,7 +15,7 @@
  * Semantics shared by every backend: keys [0, padding[b]) are left padding and are masked; keys at
  * or past the live length are ignored; a sequence with no live key gets zeros (SDPA would give NaN).
  */
-#include "rpc.h"
+#include "cpu_common.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -23,13 +23,6 @@
 #include <string.h>
 
 /* ------------------------------------------------------------------ element conversion */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 static inline uint16_t float_to_bf16(float f) {
     uint32_t u;
@@ -39,32 +32,6 @@ static inline uint16_t float_to_bf16(float f) {
     }
     u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
     return (uint16_t)(u >> 16);
-}
-
-static inline float f16_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    uint32_t u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do {
-                e++;
-                man <<= 1;
-            } while ((man & 0x400u) == 0);
-            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
 }
 
 static inline uint16_t float_to_f16(float f) {
@@ -97,14 +64,6 @@ static inline uint16_t float_to_f16(float f) {
     return (uint16_t)(sign | (r >> 13));
 }
 
-static inline float load_elem(const void *base, int64_t i, rpc_dtype dt) {
-    switch (dt) {
-    case RPC_BF16: return bf16_to_float(((const uint16_t *)base)[i]);
-    case RPC_F16: return f16_to_float(((const uint16_t *)base)[i]);
-    default: return ((const float *)base)[i];
-    }
-}
-
 static inline void store_elem(void *base, int64_t i, rpc_dtype dt, float x) {
     switch (dt) {
     case RPC_BF16: ((uint16_t *)base)[i] = float_to_bf16(x); break;
@@ -121,9 +80,9 @@ static inline void load_row(const void *base, int64_t off, int64_t D, rpc_dtype 
     }
     const uint16_t *h = (const uint16_t *)base + off;
     if (dt == RPC_BF16) {
-        for (int64_t d = 0; d < D; d++) out[d] = bf16_to_float(h[d]);
+        for (int64_t d = 0; d < D; d++) out[d] = rpc_bf16_to_float(h[d]);
     } else {
-        for (int64_t d = 0; d < D; d++) out[d] = f16_to_float(h[d]);
+        for (int64_t d = 0; d < D; d++) out[d] = rpc_half_to_float(h[d]);
     }
 }
 
@@ -182,8 +141,8 @@ int rpc_cpu_decode_attention_scalar(const rpc_decode_params *p, char *err) {
                 const int64_t ko = b * p->k_stride[0] + kh * p->k_stride[1] + j * p->k_stride[2];
                 double dot = 0.0;
                 for (int64_t d = 0; d < D; d++) {
-                    dot += (double)load_elem(p->q, qo + d * p->q_stride[2], p->dtype) *
-                           (double)load_elem(p->k, ko + d, p->dtype);
+                    dot += (double)rpc_load_elem(p->q, qo + d * p->q_stride[2], p->dtype) *
+                           (double)rpc_load_elem(p->k, ko + d, p->dtype);
                 }
                 s[j] = dot * (double)p->scale;
                 if (s[j] > mx) mx = s[j];
@@ -197,7 +156,7 @@ int rpc_cpu_decode_attention_scalar(const rpc_decode_params *p, char *err) {
                 double acc = 0.0;
                 for (int64_t j = pad; j < L; j++) {
                     const int64_t vo = b * p->v_stride[0] + kh * p->v_stride[1] + j * p->v_stride[2];
-                    acc += s[j] * (double)load_elem(p->v, vo + d, p->dtype);
+                    acc += s[j] * (double)rpc_load_elem(p->v, vo + d, p->dtype);
                 }
                 store_elem(p->out, oo + d * p->out_stride[2], p->dtype, sum > 0.0 ? (float)(acc / sum) : 0.0f);
             }
@@ -217,7 +176,7 @@ static void decode_one(const rpc_decode_params *p, int64_t b, int64_t kh, int64_
     for (int64_t g = 0; g < G; g++) {
         const int64_t qo = b * p->q_stride[0] + (kh * G + g) * p->q_stride[1];
         for (int64_t d = 0; d < D; d++) {
-            q[g * D + d] = load_elem(p->q, qo + d * p->q_stride[2], p->dtype) * p->scale;
+            q[g * D + d] = rpc_load_elem(p->q, qo + d * p->q_stride[2], p->dtype) * p->scale;
         }
         m[g] = -INFINITY;
         l[g] = 0.0f;

@@ -1,34 +1,26 @@
-/* compress_cuda.cu: CUDA kernels of one RPC compression (scoring, selection, compaction).
+/* score_cuda.cu: RPC's scoring on CUDA (steps 3-7 of docs/algorithm.md), rpc_cuda_score.
  *
- * Scoring (steps 3-7 of docs/rpc-algorithm.md) never materializes the [B, Hq, R, N] logits nor a
- * GQA-repeated K. A thread block owns one (batch b, KV head, group of query rows, chunk of
- * candidates): its query rows (the G*R selector queries of that KV head, or a slice of them when
- * they do not fit in shared memory) stay resident in shared memory, and K is streamed through in
- * tiles of 32 keys. Each tile's logits are a [rows x 32] product computed with tensor cores (WMMA,
- * fp16/bf16 inputs, fp32 accumulation: the products of 16-bit inputs are exact in fp32, so this is
- * as accurate as an fp32 dot product) or, for float32 inputs, with a register-tiled fp32 loop.
+ * Scoring never materializes the [B, Hq, R, N] logits nor a GQA-repeated K. A thread block owns one
+ * (batch b, KV head, group of query rows, chunk of candidates): its query rows (the G*R selector
+ * queries of that KV head, or a slice of them when they do not fit in shared memory) stay resident,
+ * and K is streamed through in tiles of 32 keys. Each tile's logits are a [rows x 32] product computed
+ * with tensor cores (fp16/bf16 inputs, fp32 accumulation: the products of 16-bit inputs are exact in
+ * fp32, so this is as accurate as an fp32 dot product) or, for float32 inputs, with a register-tiled
+ * fp32 loop.
  *   pass 1: per query row and chunk, the running max and sum of exp over the chunk's keys;
  *   pass 2: combines the chunk partials into the softmax max/normalizer of each row, recomputes the
  *           logits and writes, per key, the sum of probabilities over the block's rows;
  *   agg:    sums those per-(KV head, row group) sums in a fixed order (deterministic: no atomics)
  *           and divides by the number of query heads aggregated;
- *   pool:   average (zero padding counted) or max (padding ignored) pooling, stride 1.
+ *   pool:   rpc_pool_at of rpc.h (the pooling every kernel shares), stride 1.
  * Logits are pre-multiplied by log2(e) so that the softmax uses exp2 (same result, cheaper, within
- * float32 rounding). The two GEMM passes are the price of an exact softmax without storing logits. Scratch memory
- * (a few MB) is taken from the stream-ordered allocator, so nothing synchronizes with the host.
+ * float32 rounding). The two GEMM passes are the price of an exact softmax without storing logits.
+ * Version 1 runs WMMA tiles (and the fp32 loop); version 2 (fp16/bf16, head_dim a multiple of 16 up
+ * to 256, aligned key rows) keeps Q fragments in registers and streams K through a cp.async
+ * pipeline with mma.sync. The workspace comes from the caller (rpc_cuda_score_workspace sizes it).
  *
- * Selection: one block per row. Scores map to order-preserving uint32 keys (NaN lowest, -0 == +0);
- * a 4-pass 8-bit radix select finds the key of the keep-th largest element and how many of the
- * elements equal to it are taken; one ordered pass with a block-wide prefix sum then writes the
- * kept indices in ascending order (ties resolved towards lower indices by construction).
- *
- * Compaction moves rows in place. Destination i and source idx[i] satisfy idx[i] >= i (strictly
- * ascending indices), so processing kept tokens in ascending chunks, reading a whole chunk into
- * shared memory before writing any of it, never overwrites a source that is still to be read.
- * The recent window moves down the same way afterwards.
- *
- * Every launcher sets the requested device (restoring the caller's afterwards), runs on the
- * caller's stream, checks every runtime call and launch, and never synchronizes with the host.
+ * Every launcher sets the requested device (restoring the caller's afterwards), runs on the caller's
+ * stream, checks every runtime call and launch, and never synchronizes with the host.
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -398,30 +390,13 @@ __global__ void score_aggregate_kernel(const float *__restrict__ part, float *__
     agg[idx] = s / heads;
 }
 
-/* Pooling along N, stride 1, padding k/2. Average: zero padding counted in the denominator (torch
- * avg_pool1d with count_include_pad=True). Max: padding ignored, NaN propagates. */
+/* Pooling along N (rpc_pool_at of rpc.h, the definition every kernel shares). */
 __global__ void score_pool_kernel(const float *__restrict__ agg, float *__restrict__ out, int64_t rows, int64_t N,
                                   int ksize, int is_max) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * N) return;
     const int64_t n = idx % N;
-    const float *row = agg + (idx - n);
-    const int64_t half = ksize / 2;
-    const int64_t lo = n - half < 0 ? 0 : n - half;
-    const int64_t hi = n + half >= N ? N - 1 : n + half;
-    if (is_max) {
-        float m = -INFINITY;
-        for (int64_t j = lo; j <= hi; ++j) {
-            const float v = row[j];
-            if (v > m || isnan(v)) m = v;
-            if (isnan(m)) break;
-        }
-        out[idx] = m;
-    } else {
-        float s = 0.0f;
-        for (int64_t j = lo; j <= hi; ++j) s += row[j];
-        out[idx] = s / (float)ksize;
-    }
+    out[idx] = rpc_pool_at_f32(agg + (idx - n), N, n, ksize, is_max);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -899,238 +874,6 @@ int score_launch(const rpc_score_params *p, const ScorePlan &pl, int64_t N, cuda
     return RPC_OK;
 }
 
-/* ------------------------------------------------------------------------------------------------
- * Selection
- */
-
-constexpr int kSelThreads = 512;
-constexpr int kSelWarps = kSelThreads / 32;
-
-/* Order-preserving key: larger score -> larger key; every NaN -> 0 (below -inf); -0 -> +0. */
-__device__ __forceinline__ uint32_t score_key(float x) {
-    if (isnan(x)) return 0u;
-    uint32_t u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) == 0u) u = 0u; /* -0 ties with +0 */
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-/* Exclusive block-wide prefix sum of `v`; *total receives the block sum. Uses `ws` (kSelWarps
- * ints). Contains barriers: every thread of the block must call it. */
-__device__ __forceinline__ int block_exclusive_scan(int v, int *ws, int *total) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == 31) ws[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < kSelWarps ? ws[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        if (lane < kSelWarps) ws[lane] = w; /* inclusive warp totals */
-    }
-    __syncthreads();
-    const int before = (warp > 0 ? ws[warp - 1] : 0) + x - v;
-    *total = ws[kSelWarps - 1];
-    __syncthreads(); /* ws may be reused by the next call */
-    return before;
-}
-
-__global__ void __launch_bounds__(kSelThreads) select_kernel(const float *__restrict__ scores, int64_t N,
-                                                             int64_t keep, int64_t *__restrict__ indices) {
-    __shared__ unsigned int hist[256];
-    __shared__ int ws[kSelWarps];
-    __shared__ uint32_t s_prefix;
-    __shared__ int64_t s_rank;
-
-    const float *row = scores + (int64_t)blockIdx.x * N;
-    int64_t *out = indices + (int64_t)blockIdx.x * keep;
-
-    if (keep == N) { /* everything is kept, in index order */
-        for (int64_t i = threadIdx.x; i < N; i += blockDim.x) out[i] = i;
-        return;
-    }
-
-    /* Radix select, most significant byte first: find the key T of the keep-th largest element
-     * and `need`, the number of elements equal to T that are kept. Counts fit in 32 bits: the
-     * launcher rejects N >= 2^31. */
-    uint32_t prefix = 0, mask = 0;
-    int64_t rank = keep; /* 1-based rank of the threshold among elements matching the prefix */
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
-        __syncthreads();
-        for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
-            const uint32_t key = score_key(row[i]);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int64_t above = 0; /* matching elements with a larger digit */
-            int digit = 255;
-            for (; digit > 0; --digit) {
-                if (above + (int64_t)hist[digit] >= rank) break;
-                above += hist[digit];
-            }
-            s_prefix = prefix | ((uint32_t)digit << shift);
-            s_rank = rank - above;
-        }
-        __syncthreads();
-        prefix = s_prefix;
-        rank = s_rank;
-        mask |= 255u << shift;
-        __syncthreads(); /* s_prefix/s_rank and hist are rewritten in the next pass */
-    }
-    const uint32_t thresh = prefix;
-    const int64_t need = rank; /* >= 1: elements equal to thresh taken, lowest indices first */
-
-    /* Ordered pass: taken(i) = key > thresh, or key == thresh among the first `need` equal ones.
-     * Output slot of a taken element = #greater before it + min(#equal before it, need). */
-    int64_t gt_before = 0, eq_before = 0;
-    for (int64_t base = 0; base < N; base += blockDim.x) {
-        const int64_t i = base + threadIdx.x;
-        int gt = 0, eq = 0;
-        if (i < N) {
-            const uint32_t key = score_key(row[i]);
-            gt = key > thresh;
-            eq = key == thresh;
-        }
-        int tot = 0;
-        const int packed = block_exclusive_scan(gt | (eq << 16), ws, &tot); /* <= 512 per field */
-        const int64_t gt_ex = gt_before + (packed & 0xffff);
-        const int64_t eq_ex = eq_before + (packed >> 16);
-        if (gt || (eq && eq_ex < need)) out[gt_ex + (eq_ex < need ? eq_ex : need)] = i;
-        gt_before += tot & 0xffff;
-        eq_before += tot >> 16;
-        if (gt_before + (eq_before < need ? eq_before : need) >= keep) break; /* uniform */
-    }
-}
-
-/* ------------------------------------------------------------------------------------------------
- * Compaction
- *
- * A block owns one (sequence, head, tensor, column slice) and moves tokens in place in ascending
- * chunks: every thread first loads all of its chunk's words into registers (kUnroll independent
- * 16-byte loads in flight per thread), one barrier, then stores them. Why this is safe in place: the
- * destination of kept token i is start + i and its source start + idx[i] with idx[i] >= i, so
- *   - a chunk's stores land at or below its own tokens' indices, i.e. below every source a later chunk
- *     reads (a later token j has idx[j] >= j >= the chunk's end): earlier stores never clobber later
- *     reads;
- *   - a later chunk's stores may hit sources of an earlier chunk, but those were read before the
- *     earlier chunk's barrier, which every thread passed before storing anything later.
- * Columns are independent (an element only ever moves along its own column), so splitting the row into
- * column slices gives more blocks without any cross-block ordering: B * H * 2 * slices blocks fill the
- * GPU. The recent window moves after the kept tokens, the same way (source end + w >= destination).
- */
-
-constexpr int kCompactThreads = 256;
-constexpr int kUnroll = 8;
-
-struct CompactTensor {
-    unsigned char *base;
-    int64_t s0, s1, s2; /* bytes */
-};
-
-struct CompactArgs {
-    CompactTensor t[2]; /* K, V */
-    int H, A;
-    int units;          /* words of type W per token row */
-    int slice;          /* words per column slice (the last slice may be shorter) */
-    int slices;
-    const int64_t *idx;
-    int64_t idx_sb, idx_sa;
-    int64_t start, end, L, keep;
-};
-
-/* grid.x = b * H + h, grid.y = tensor * slices + slice. */
-template <typename W>
-__global__ void __launch_bounds__(kCompactThreads) compact_kernel(const CompactArgs a) {
-    const int64_t bh = blockIdx.x;
-    const int64_t b = bh / a.H, h = bh % a.H;
-    const int tensor = (int)blockIdx.y / a.slices, sl = (int)blockIdx.y % a.slices;
-    const CompactTensor T = a.t[tensor];
-    unsigned char *rowbase = T.base + b * T.s0 + h * T.s1;
-    const int u0 = sl * a.slice;
-    const int width = min(a.slice, a.units - u0);         /* words of this slice per token */
-    const int per_pass = kCompactThreads / width;         /* tokens one pass of the block covers, >= 1 */
-    const int slot = threadIdx.x / width, u = u0 + threadIdx.x % width;
-    const bool active = slot < per_pass;                  /* threads past per_pass * width idle */
-    const int64_t chunk = (int64_t)per_pass * kUnroll;    /* tokens per barrier */
-    const int64_t N = a.end - a.start;
-    const int64_t *idx = a.idx + b * a.idx_sb + (a.A == 1 ? 0 : h) * a.idx_sa;
-
-    /* Kept candidates: destination start + i, source start + idx[i]. */
-    for (int64_t c0 = 0; c0 < a.keep; c0 += chunk) {
-        const int64_t c1 = c0 + chunk < a.keep ? c0 + chunk : a.keep;
-        if (idx[c1 - 1] == c1 - 1) continue; /* ascending + idx[i] >= i: the whole chunk is in place (uniform) */
-        int64_t src[kUnroll];
-        W val[kUnroll];
-#pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
-            const int64_t i = c0 + slot + (int64_t)j * per_pass;
-            src[j] = -1;
-            /* Memory safety against malformed indices (the caller validates them): skip sources outside
-             * the candidates or below their destination. */
-            if (active && i < c1) {
-                const int64_t s = idx[i];
-                if (s >= i && s < N) src[j] = s;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < kUnroll; ++j)
-            if (src[j] >= 0) val[j] = reinterpret_cast<const W *>(rowbase + (a.start + src[j]) * T.s2)[u];
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
-            const int64_t i = c0 + slot + (int64_t)j * per_pass;
-            if (src[j] >= 0 && src[j] != i) reinterpret_cast<W *>(rowbase + (a.start + i) * T.s2)[u] = val[j];
-        }
-    }
-
-    /* Recent window [end, L) -> [start + keep, ...): sources are above all destinations so far. */
-    const int64_t wlen = a.L - a.end;
-    const int64_t dst0 = a.start + a.keep;
-    if (a.end == dst0) return;
-    __syncthreads(); /* the last kept chunk's reads are done before window stores may overwrite them */
-    for (int64_t c0 = 0; c0 < wlen; c0 += chunk) {
-        const int64_t c1 = c0 + chunk < wlen ? c0 + chunk : wlen;
-        W val[kUnroll];
-#pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
-            const int64_t w = c0 + slot + (int64_t)j * per_pass;
-            if (active && w < c1) val[j] = reinterpret_cast<const W *>(rowbase + (a.end + w) * T.s2)[u];
-        }
-        __syncthreads();
-#pragma unroll
-        for (int j = 0; j < kUnroll; ++j) {
-            const int64_t w = c0 + slot + (int64_t)j * per_pass;
-            if (active && w < c1) reinterpret_cast<W *>(rowbase + (dst0 + w) * T.s2)[u] = val[j];
-        }
-    }
-}
-
-template <typename W>
-int compact_launch(const CompactArgs &a0, int64_t rows, int64_t row_bytes, int sms, cudaStream_t st, char *err) {
-    CompactArgs a = a0;
-    a.units = (int)(row_bytes / (int64_t)sizeof(W));
-    /* Column slices: at most one block's worth of words each, then split further (by halves, keeping a
-     * slice at least 4 words = 64 bytes of uint4 wide) until there are ~4 blocks per SM. */
-    int slices = (a.units + kCompactThreads - 1) / kCompactThreads;
-    const int64_t want = 4 * (int64_t)(sms > 0 ? sms : 1);
-    while (rows * 2 * slices < want && (a.units + 2 * slices - 1) / (2 * slices) >= 4) slices *= 2;
-    a.slice = (a.units + slices - 1) / slices;
-    a.slices = (a.units + a.slice - 1) / a.slice;
-    if ((int64_t)a.slices * 2 > 65535) return rpc_value_error(err, "rpc compact (cuda): head dim too large");
-    compact_kernel<W><<<dim3((unsigned)rows, (unsigned)(2 * a.slices)), kCompactThreads, 0, st>>>(a);
-    RPC_CUDA_CHECK(cudaGetLastError(), "rpc compact: kernel launch");
-    return RPC_OK;
-}
-
 } // namespace
 
 /* ================================================================================================
@@ -1194,87 +937,4 @@ extern "C" int rpc_cuda_score(int device, const rpc_score_params *p, void *strea
     case RPC_BF16: return score_launch<__nv_bfloat16>(p, pl, N, st, err);
     default: return score_launch<float>(p, pl, N, st, err);
     }
-}
-
-extern "C" int rpc_cuda_select(int device, const rpc_select_params *p, void *stream, char *err) {
-    if (!p) return rpc_value_error(err, "rpc select (cuda): params is NULL");
-    if (p->rows < 0 || p->N < 0 || p->keep < 0 || p->keep > p->N)
-        return rpc_value_error(err, "rpc select (cuda): need rows >= 0 and 0 <= keep <= N");
-    if (p->N >= INT_MAX || p->rows > INT_MAX)
-        return rpc_value_error(err, "rpc select (cuda): rows and N must be below 2^31");
-    if (p->rows == 0 || p->keep == 0) return RPC_OK;
-    if (!p->scores || !p->indices) return rpc_value_error(err, "rpc select (cuda): NULL tensor pointer");
-
-    RpcDeviceGuard guard;
-    RPC_CUDA_CHECK(guard.enter(device), "rpc select: cudaSetDevice");
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
-    select_kernel<<<(unsigned)p->rows, kSelThreads, 0, st>>>(p->scores, p->N, p->keep, p->indices);
-    RPC_CUDA_CHECK(cudaGetLastError(), "rpc select: kernel launch");
-    return RPC_OK;
-}
-
-extern "C" int rpc_cuda_compact(int device, const rpc_compact_params *p, void *stream, char *err) {
-    if (!p) return rpc_value_error(err, "rpc compact (cuda): params is NULL");
-    if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
-        return rpc_value_error(err, "rpc compact (cuda): dtype must be float32, float16 or bfloat16");
-    if (p->B < 0 || p->H < 0 || p->L < 0 || p->D < 1)
-        return rpc_value_error(err, "rpc compact (cuda): sizes must be non-negative (D >= 1)");
-    if (p->start < 0 || p->start > p->end || p->end > p->L)
-        return rpc_value_error(err, "rpc compact (cuda): need 0 <= start <= end <= L");
-    if (p->keep < 0 || p->keep > p->end - p->start)
-        return rpc_value_error(err, "rpc compact (cuda): need 0 <= keep <= end - start");
-    if (!(p->A == 1 || p->A == p->H))
-        return rpc_value_error(err, "rpc compact (cuda): indices rows A must be 1 or H");
-    if (p->D > 1 && (p->k_stride[3] != 1 || p->v_stride[3] != 1))
-        return rpc_value_error(err, "rpc compact (cuda): the head-dim stride of keys and values must be 1");
-    const size_t es = rpc_dtype_size(p->dtype);
-    const int64_t row_bytes = p->D * (int64_t)es;
-    if (row_bytes > 65536) return rpc_value_error(err, "rpc compact (cuda): head dim too large (rows over 64 KiB)");
-    if (p->B * p->H > INT_MAX) return rpc_value_error(err, "rpc compact (cuda): B * H too large");
-    if (p->B == 0 || p->H == 0) return RPC_OK;
-    if (p->keep == p->end - p->start) return RPC_OK; /* indices are 0..keep-1 and the window stays */
-    if (!p->k || !p->v || (p->keep > 0 && !p->indices))
-        return rpc_value_error(err, "rpc compact (cuda): NULL tensor pointer");
-
-    CompactArgs a;
-    a.t[0].base = static_cast<unsigned char *>(p->k);
-    a.t[0].s0 = p->k_stride[0] * (int64_t)es;
-    a.t[0].s1 = p->k_stride[1] * (int64_t)es;
-    a.t[0].s2 = p->k_stride[2] * (int64_t)es;
-    a.t[1].base = static_cast<unsigned char *>(p->v);
-    a.t[1].s0 = p->v_stride[0] * (int64_t)es;
-    a.t[1].s1 = p->v_stride[1] * (int64_t)es;
-    a.t[1].s2 = p->v_stride[2] * (int64_t)es;
-    a.H = (int)p->H;
-    a.A = (int)p->A;
-    a.units = a.slice = a.slices = 0; /* set by compact_launch */
-    a.idx = p->indices;
-    a.idx_sb = p->idx_stride_b;
-    a.idx_sa = p->idx_stride_a;
-    a.start = p->start;
-    a.end = p->end;
-    a.L = p->L;
-    a.keep = p->keep;
-
-    /* Widest unit that divides the row and every base/stride (strides of size-1 dims unused). */
-    const int64_t sizes[3] = {p->B, p->H, p->L};
-    int64_t g = row_bytes;
-    for (int t = 0; t < 2; ++t) {
-        g |= (int64_t)(uintptr_t)a.t[t].base;
-        const int64_t s[3] = {a.t[t].s0, a.t[t].s1, a.t[t].s2};
-        for (int d = 0; d < 3; ++d)
-            if (sizes[d] > 1) g |= s[d];
-    }
-    RpcDeviceGuard guard;
-    RPC_CUDA_CHECK(guard.enter(device), "rpc compact: cudaSetDevice");
-    int sms = 0;
-    RPC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-                   "rpc compact: cudaDeviceGetAttribute");
-    cudaStream_t st = static_cast<cudaStream_t>(stream);
-    const int64_t rows = p->B * p->H;
-    if (rows > 2147483647LL) return rpc_value_error(err, "rpc compact (cuda): B * H too large");
-    if (g % 16 == 0) return compact_launch<uint4>(a, rows, row_bytes, sms, st, err);
-    if (g % 8 == 0) return compact_launch<uint2>(a, rows, row_bytes, sms, st, err);
-    if (g % 4 == 0) return compact_launch<uint32_t>(a, rows, row_bytes, sms, st, err);
-    return compact_launch<uint16_t>(a, rows, row_bytes, sms, st, err);
 }

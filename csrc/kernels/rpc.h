@@ -1,19 +1,26 @@
-/* rpc.h: the one header shared by every file of the rpc_py._C extension.
+/* rpc.h: the contract between the kernels and everything that calls them.
  *
- * Layering (see README "Design"):
- *   module.c        module init, backend_features, the standalone operator functions (binding only)
- *   dlpack_bridge.c DLPack consumer (any producer -> rpc_tensor) and producer (Storage/View objects)
- *   kvcache.c       the KVCache heap type (bookkeeping, validation, calls into kernels)
- *   compress_cpu.c  CPU kernels (scalar reference + fast path); no Python API in there
- *   *.cu            CUDA kernels and launchers; no Python API in there (cuda_common.cuh: errors and
- *                   device guard; mma_common.cuh: cp.async / ldmatrix / mma.sync building blocks)
- *   cuda_stub.c     stand-ins for the rpc_cuda_* functions when CUDA is not built
- *   policy_cpu.c, policy_cuda.cu  kernels of the other selection policies (window attention, R-KV
- *                   redundancy, H2O accumulation, recent/random fills); policy_binding.c binds them
+ * csrc/ holds three layers; each file belongs to one, and calls go downwards only:
+ *   python/   the module and its types (CPython + NumPy C API): module.c (module init and its functions),
+ *             common.c (status -> exception, names, NumPy results), dlpack_bridge.c (DLPack consumer,
+ *             Storage and View), binding_util.c (argument checks, option vocabulary, results and out=),
+ *             kvcache*.c (the KVCache type: kvcache_core.c storage, lengths, ring and accumulator;
+ *             kvcache.c the type; kvcache_compress.c RPC's compression; kvcache_policy.c the policies'
+ *             accumulate/compact), ops_binding.c / policy_binding.c / decode_binding.c (the standalone
+ *             functions). Binding code holds no math.
+ *   kernels/  pure C and CUDA, no Python API: this header, cpu_isa.c (the one ISA dispatcher),
+ *             compress_cpu.c (RPC's scoring, selection, compaction), policy_cpu.c (the other policies'
+ *             scores, H2O, pooling alone), decode_cpu.c, copy_cpu.c, and their CUDA twins score_cuda.cu,
+ *             select_cuda.cu, compact_cuda.cu, policy_cuda.cu, decode_cuda.cu (cuda_common.cuh: errors
+ *             and device guard; mma_common.cuh: cp.async / ldmatrix / mma.sync building blocks).
+ *   runtime/  the CUDA runtime shim (cuda_runtime.cu: devices, memory, copies, events) and, in builds
+ *             without CUDA, cuda_stub.c, which stands in for every rpc_cuda_* function.
  *
  * Kernels see only the plain structs below: raw pointers, sizes and strides counted in elements.
  * Every kernel/launcher returns 0 on success or a negative rpc_status and writes a message into
  * the caller-provided `err` buffer (RPC_ERR_LEN bytes); the binding turns it into a Python exception.
+ * Each kernel has a scalar C reference beside it and a float64 torch oracle in rpc_py/ (reference.py,
+ * policy_reference.py, decode_reference.py).
  */
 #ifndef RPC_PY_RPC_H
 #define RPC_PY_RPC_H
@@ -108,16 +115,16 @@ typedef struct {
     int64_t keep;
 } rpc_compact_params;
 
-/* ---------------------------------------------------------------- CPU kernels (compress_cpu.c) */
+/* ---------------------------------------------------------------- CPU kernels (compress_cpu.c, cpu_isa.c) */
 int rpc_cpu_score(const rpc_score_params *p, char *err);
 int rpc_cpu_score_scalar(const rpc_score_params *p, char *err); /* plain reference, for tests */
 int rpc_cpu_select(const rpc_select_params *p, char *err);
 int rpc_cpu_compact(const rpc_compact_params *p, char *err);
 
-/* Instruction sets of the fast CPU scoring path, chosen at run time (compress_cpu.c).
- * rpc_cpu_isa: the one rpc_cpu_score uses now. rpc_cpu_set_isa: cap the choice (tests use it to run
- * every path on one machine); returns -1 when the CPU lacks that ISA. Not thread-safe: set it while
- * no scoring runs. */
+/* Instruction sets of the CPU kernels' fast paths, chosen at run time by one dispatcher (cpu_isa.c)
+ * that every CPU kernel asks. rpc_cpu_isa: the one in use now. rpc_cpu_set_isa: cap the choice (tests
+ * use it to run every path on one machine); returns -1 when the CPU lacks that ISA. Not thread-safe:
+ * set it while no kernel runs. */
 enum { RPC_CPU_ISA_GENERIC = 0, RPC_CPU_ISA_AVX2 = 1, RPC_CPU_ISA_AVX512 = 2 };
 int rpc_cpu_isa(void);
 int rpc_cpu_set_isa(int isa);
@@ -135,7 +142,6 @@ int rpc_cuda_device_count(int *count, char *err);/* 0 devices is not an error */
 int rpc_cuda_malloc(int device, size_t nbytes, void **ptr, char *err);
 int rpc_cuda_free(int device, void *ptr, char *err);
 int rpc_cuda_memset_async(int device, void *ptr, int value, size_t nbytes, void *stream, char *err);
-int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err);
 /* 2-D memset: `height` rows of `width` bytes, `pitch` bytes apart. */
 int rpc_cuda_memset2d_async(int device, void *ptr, size_t pitch, int value, size_t width, size_t height,
                             void *stream, char *err);
@@ -242,6 +248,42 @@ int rpc_cuda_ring_write(int device, const rpc_ring_params *p, void *stream, char
 #define RPC_HOST_DEVICE __host__ __device__
 #else
 #define RPC_HOST_DEVICE
+#endif
+
+/* RPC's 1-D pooling of one row x[0, N) at position n, stride 1, padding k / 2: the one definition
+ * every kernel uses (CPU and CUDA; step 7 of docs/algorithm.md). Average pooling divides by the full
+ * kernel size (the zero padding counts, as torch's avg_pool1d with count_include_pad=True); max pooling
+ * ignores the padding and propagates NaN. T is the row's element type, ACC the type the average sums
+ * in; the result is rounded to float32 once. */
+#define RPC_DEFINE_POOL_AT(NAME, T, ACC)                                                                    \
+    static inline RPC_HOST_DEVICE float NAME(const T *x, int64_t N, int64_t n, int k, int is_max) {        \
+        const int64_t h = k / 2;                                                                           \
+        const int64_t lo = n - h < 0 ? 0 : n - h;                                                          \
+        const int64_t hi = n + h >= N ? N - 1 : n + h;                                                     \
+        if (is_max) {                                                                                      \
+            T m = x[lo];                                                                                   \
+            for (int64_t j = lo + 1; j <= hi; j++) {                                                       \
+                if (x[j] > m || x[j] != x[j]) m = x[j]; /* x != x: NaN wins */                             \
+            }                                                                                              \
+            return (float)m;                                                                               \
+        }                                                                                                  \
+        ACC s = 0;                                                                                         \
+        for (int64_t j = lo; j <= hi; j++) s += (ACC)x[j];                                                  \
+        return (float)(s / (ACC)k);                                                                        \
+    }
+RPC_DEFINE_POOL_AT(rpc_pool_at_f64, double, double) /* the CPU kernels: rows aggregated in double */
+RPC_DEFINE_POOL_AT(rpc_pool_at_f32, float, float)   /* the CUDA kernels: rows in float32 */
+RPC_DEFINE_POOL_AT(rpc_pool_at_f32_d, float, double) /* rpc_*_pool: float32 rows, summed in double */
+
+#ifndef __CUDACC__
+/* Step 7 on one aggregated row (double, N) -> the float32 pooled row (and raw[n] = (float)agg[n] when
+ * raw is not NULL): the CPU kernels' loop over rpc_pool_at_f64. */
+static inline void rpc_pool_row_f64(const double *agg, int64_t N, rpc_pooling pool, int k, float *out, float *raw) {
+    for (int64_t n = 0; n < N; n++) {
+        out[n] = rpc_pool_at_f64(agg, N, n, k, pool == RPC_POOL_MAX);
+        if (raw) raw[n] = (float)agg[n];
+    }
+}
 #endif
 
 /* 1 when `t` tokens fit at position `pos` of a buffer of `cap` tokens. Written as pos <= cap - t,
@@ -360,12 +402,18 @@ int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err); /* plain re
 int rpc_cpu_redundancy(const rpc_redundancy_params *p, char *err);
 int rpc_cpu_redundancy_scalar(const rpc_redundancy_params *p, char *err); /* plain reference */
 int rpc_cpu_fill_scores(const rpc_fill_params *p, char *err);
+/* Pooling alone, of float32 scores [rows, N] (contiguous) into out (may not alias): rpc_pool_at_f32_d
+ * per element. Used where scores are pooled after a reduction (tensor parallelism). */
+int rpc_cpu_pool(const float *scores, int64_t rows, int64_t N, rpc_pooling pool, int kernel_size, float *out,
+                 char *err);
 int rpc_cpu_accumulate(const rpc_accumulate_params *p, char *err);
 int rpc_cpu_accumulate_scalar(const rpc_accumulate_params *p, char *err); /* plain reference */
 int rpc_cpu_compact_acc(const rpc_acc_compact_params *p, char *err);
 int rpc_cuda_attn_scores(int device, const rpc_attn_params *p, void *stream, char *err);
 int rpc_cuda_redundancy(int device, const rpc_redundancy_params *p, void *stream, char *err);
 int rpc_cuda_fill_scores(int device, const rpc_fill_params *p, void *stream, char *err);
+int rpc_cuda_pool(int device, const float *scores, int64_t rows, int64_t N, rpc_pooling pool, int kernel_size,
+                  float *out, void *stream, char *err);
 int rpc_cuda_accumulate(int device, const rpc_accumulate_params *p, void *stream, char *err);
 int rpc_cuda_compact_acc(int device, const rpc_acc_compact_params *p, void *stream, char *err);
 

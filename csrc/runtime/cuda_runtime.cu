@@ -143,16 +143,6 @@ int rpc_cuda_memset_async(int device, void *ptr, int value, size_t nbytes, void 
     return RPC_OK;
 }
 
-int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err) {
-    if (nbytes == 0) {
-        return RPC_OK;
-    }
-    RPC_DEVICE_GUARD(device);
-    RPC_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyHostToDevice, (cudaStream_t)stream),
-                   "cudaMemcpyAsync (host to device)");
-    return RPC_OK;
-}
-
 int rpc_cuda_memset2d_async(int device, void *ptr, size_t pitch, int value, size_t width, size_t height,
                            void *stream, char *err) {
     if (width == 0 || height == 0) {

@@ -49,15 +49,6 @@ int rpc_cuda_memset_async(int device, void *ptr, int value, size_t nbytes, void 
     return not_built("cuda_memset", err);
 }
 
-int rpc_cuda_memcpy_h2d_async(int device, void *dst, const void *src, size_t nbytes, void *stream, char *err) {
-    (void)device;
-    (void)dst;
-    (void)src;
-    (void)nbytes;
-    (void)stream;
-    return not_built("cuda_memcpy", err);
-}
-
 int rpc_cuda_memset2d_async(int device, void *ptr, size_t pitch, int value, size_t width, size_t height,
                            void *stream, char *err) {
     (void)device;
@@ -194,6 +185,19 @@ int rpc_cuda_accumulate(int device, const rpc_accumulate_params *p, void *stream
     (void)p;
     (void)stream;
     return not_built("accumulate", err);
+}
+
+int rpc_cuda_pool(int device, const float *scores, int64_t rows, int64_t N, rpc_pooling pool, int kernel_size,
+                  float *out, void *stream, char *err) {
+    (void)device;
+    (void)scores;
+    (void)rows;
+    (void)N;
+    (void)pool;
+    (void)kernel_size;
+    (void)out;
+    (void)stream;
+    return not_built("pool", err);
 }
 
 int rpc_cuda_compact_acc(int device, const rpc_acc_compact_params *p, void *stream, char *err) {

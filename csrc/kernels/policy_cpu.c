@@ -24,7 +24,7 @@
  * kernel has a plain C version and, on x86, an AVX2+FMA version chosen at run time. No Python API in
  * this file: errors are a negative rpc_status plus a message in `err`.
  */
-#include "rpc.h"
+#include "cpu_common.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -49,54 +49,6 @@
 #endif
 
 /* ------------------------------------------------------------------------------------------ util */
-
-static int fail(char *err, int status, const char *msg) {
-    if (err) snprintf(err, RPC_ERR_LEN, "%s", msg);
-    return status;
-}
-
-/* The 16-bit conversions are file-local copies (compress_cpu.c keeps its own static ones). */
-static float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t mant = h & 0x3ffu;
-    uint32_t u;
-    float f;
-    if (exp == 0) {
-        f = (float)mant * 5.9604644775390625e-8f; /* zero or subnormal: exact */
-        memcpy(&u, &f, 4);
-        u |= sign;
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | (mant << 13);
-    } else {
-        u = sign | ((exp + 112u) << 23) | (mant << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float load_elem(const void *base, int64_t off, rpc_dtype dt) {
-    switch (dt) {
-    case RPC_F16: return half_to_float(((const uint16_t *)base)[off]);
-    case RPC_BF16: return bf16_to_float(((const uint16_t *)base)[off]);
-    default: return ((const float *)base)[off];
-    }
-}
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 static inline int64_t round_up(int64_t x, int64_t m) {
     return (x + m - 1) / m * m;
@@ -180,27 +132,6 @@ static int softmax_row_plain(float *x, int64_t n, double *w) {
     return 1;
 }
 
-/* Stage 7 of RPC, shared: one aggregated row (double, N) -> float32 pooled row (and raw row). Average
- * pooling divides by the full kernel size (zero padding counted); max pooling ignores the padding. */
-static void pool_row(const double *agg, int64_t N, rpc_pooling pool, int k, float *out, float *raw) {
-    const int64_t h = k / 2;
-    for (int64_t n = 0; n < N; n++) {
-        int64_t lo = n - h < 0 ? 0 : n - h;
-        int64_t hi = n + h >= N ? N - 1 : n + h;
-        if (pool == RPC_POOL_AVG) {
-            double s = 0.0;
-            for (int64_t j = lo; j <= hi; j++) s += agg[j];
-            out[n] = (float)(s / (double)k);
-        } else {
-            double m = agg[lo];
-            for (int64_t j = lo + 1; j <= hi; j++)
-                if (agg[j] > m || isnan(agg[j])) m = agg[j];
-            out[n] = (float)m;
-        }
-        if (raw) raw[n] = (float)agg[n];
-    }
-}
-
 /* ------------------------------------------------------------------------- packing, micro-kernel */
 
 #define PMR 4  /* rows of a micro tile */
@@ -214,7 +145,7 @@ static void pack_row(float *dst, int64_t w, int64_t i, int64_t D, const void *sr
         const float *s = (const float *)src + off;
         for (int64_t d = 0; d < D; d++) p[d * w] = s[d] * scale;
     } else {
-        for (int64_t d = 0; d < D; d++) p[d * w] = load_elem(src, off + d * ds, dt) * scale;
+        for (int64_t d = 0; d < D; d++) p[d * w] = rpc_load_elem(src, off + d * ds, dt) * scale;
     }
 }
 
@@ -267,10 +198,11 @@ __attribute__((target("avx2,fma"))) static void micro_avx2(const float *POLICY_R
 }
 #endif
 
+/* The ISA from rpc_cpu_isa (cpu_isa.c), the dispatcher every CPU kernel shares, so rpc_cpu_set_isa caps
+ * these kernels too (the tests run them on their generic path that way). */
 static micro_fn pick_micro(void) {
 #ifdef POLICY_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_avx2;
+    if (rpc_cpu_isa() >= RPC_CPU_ISA_AVX2) return micro_avx2;
 #endif
     return micro_generic;
 }
@@ -335,7 +267,7 @@ static int core_run(const attn_core *c, double **part_out, int64_t *splits_out, 
     const micro_fn micro = pick_micro();
     const int64_t B = c->B, Hkv = c->Hkv, G = c->G, R = c->R, D = c->D, N = c->N, M = c->M;
     const int64_t units = B * Hkv;
-    const int64_t nthreads = max_threads();
+    const int64_t nthreads = rpc_max_threads();
     int64_t splits = 1;
     if (units < 2 * nthreads) splits = (2 * nthreads + units - 1) / units;
     int64_t rows_per_item = (M + splits - 1) / splits;
@@ -363,7 +295,7 @@ static int core_run(const attn_core *c, double **part_out, int64_t *splits_out, 
     if (chunk > round_up(rows_per_item, PMR)) chunk = round_up(rows_per_item, PMR);
 
     double *part = (double *)calloc((size_t)(items * N) + 1, sizeof(double));
-    if (!part) return fail(err, RPC_ERR_NOMEM, "attention scores: out of memory");
+    if (!part) return rpc_fail(err, RPC_ERR_NOMEM, "attention scores: out of memory");
     int failed = 0;
     const int parallel = items > 1 && (double)items * (double)rows_per_item * (double)npad_max * (double)D > 1e5;
 
@@ -452,7 +384,7 @@ static int core_run(const attn_core *c, double **part_out, int64_t *splits_out, 
     }
     if (failed) {
         free(part);
-        return fail(err, RPC_ERR_NOMEM, "attention scores: out of memory (per-thread scratch)");
+        return rpc_fail(err, RPC_ERR_NOMEM, "attention scores: out of memory (per-thread scratch)");
     }
     *part_out = part;
     *splits_out = splits;
@@ -462,21 +394,21 @@ static int core_run(const attn_core *c, double **part_out, int64_t *splits_out, 
 /* ------------------------------------------------------------------------- window attention scores */
 
 static int check_attn_params(const rpc_attn_params *p, char *err) {
-    if (!p || !p->q || !p->k || !p->out) return fail(err, RPC_ERR_VALUE, "attention scores: null pointer");
+    if (!p || !p->q || !p->k || !p->out) return rpc_fail(err, RPC_ERR_VALUE, "attention scores: null pointer");
     if (!float_dtype(p->dtype))
-        return fail(err, RPC_ERR_VALUE, "attention scores: dtype must be float32, float16 or bfloat16");
+        return rpc_fail(err, RPC_ERR_VALUE, "attention scores: dtype must be float32, float16 or bfloat16");
     if (p->B < 0 || p->Hq < 1 || p->Hkv < 1 || p->R < 1 || p->D < 1 || p->Hq % p->Hkv != 0)
-        return fail(err, RPC_ERR_VALUE, "attention scores: bad sizes (need Hq % Hkv == 0, R >= 1, D >= 1)");
+        return rpc_fail(err, RPC_ERR_VALUE, "attention scores: bad sizes (need Hq % Hkv == 0, R >= 1, D >= 1)");
     if (p->start < 0 || p->end <= p->start || p->end > p->L)
-        return fail(err, RPC_ERR_VALUE, "attention scores: need 0 <= start < end <= L");
+        return rpc_fail(err, RPC_ERR_VALUE, "attention scores: need 0 <= start < end <= L");
     if (p->kernel_size < 1 || p->kernel_size % 2 == 0)
-        return fail(err, RPC_ERR_VALUE, "attention scores: kernel_size must be odd and >= 1");
+        return rpc_fail(err, RPC_ERR_VALUE, "attention scores: kernel_size must be odd and >= 1");
     if ((unsigned)p->norm > RPC_NORM_CAUSAL || (unsigned)p->gqa > RPC_GQA_MAX_LOGITS ||
         (unsigned)p->reduce > RPC_REDUCE_MEAN || (p->agg != RPC_AGG_ALL && p->agg != RPC_AGG_GROUP) ||
         (p->pool != RPC_POOL_AVG && p->pool != RPC_POOL_MAX))
-        return fail(err, RPC_ERR_VALUE, "attention scores: unknown option value");
+        return rpc_fail(err, RPC_ERR_VALUE, "attention scores: unknown option value");
     if (p->norm == RPC_NORM_CAUSAL && !p->query_positions)
-        return fail(err, RPC_ERR_VALUE, "attention scores: norm causal needs query_positions");
+        return rpc_fail(err, RPC_ERR_VALUE, "attention scores: norm causal needs query_positions");
     return RPC_OK;
 }
 
@@ -532,7 +464,7 @@ int rpc_cpu_attn_scores(const rpc_attn_params *p, char *err) {
     double *agg = (double *)malloc((size_t)N * sizeof(double));
     if (!agg) {
         free(part);
-        return fail(err, RPC_ERR_NOMEM, "attention scores: out of memory");
+        return rpc_fail(err, RPC_ERR_NOMEM, "attention scores: out of memory");
     }
     const double div = attn_divisor(p);
     for (int64_t b = 0; b < B; b++) {
@@ -546,7 +478,7 @@ int rpc_cpu_attn_scores(const rpc_attn_params *p, char *err) {
                 }
             for (int64_t n = 0; n < N; n++) agg[n] /= div;
             const int64_t o = (b * A + a) * N;
-            pool_row(agg, N, p->pool, p->kernel_size, p->out + o, p->raw ? p->raw + o : NULL);
+            rpc_pool_row_f64(agg, N, p->pool, p->kernel_size, p->out + o, p->raw ? p->raw + o : NULL);
         }
     }
     free(agg);
@@ -567,7 +499,7 @@ int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err) {
     if (!acc || !logit) {
         free(acc);
         free(logit);
-        return fail(err, RPC_ERR_NOMEM, "attention scores: out of memory");
+        return rpc_fail(err, RPC_ERR_NOMEM, "attention scores: out of memory");
     }
     const int64_t *qs = p->q_stride, *ks = p->k_stride;
     for (int64_t b = 0; b < B; b++) {
@@ -585,7 +517,7 @@ int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err) {
                         const int64_t qo = b * qs[0] + (kvh * G + g) * qs[1] + r * qs[2];
                         float dot = 0.0f;
                         for (int64_t d = 0; d < D; d++)
-                            dot += load_elem(p->q, qo + d * qs[3], p->dtype) * load_elem(p->k, ko + d * ks[3], p->dtype);
+                            dot += rpc_load_elem(p->q, qo + d * qs[3], p->dtype) * rpc_load_elem(p->k, ko + d * ks[3], p->dtype);
                         dot *= p->scale;
                         best = g == g0 ? dot : max_nan(best, dot);
                     }
@@ -602,7 +534,7 @@ int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err) {
     for (int64_t i = 0; i < B * A; i++) {
         double *row = acc + i * N;
         for (int64_t n = 0; n < N; n++) row[n] /= div;
-        pool_row(row, N, p->pool, p->kernel_size, p->out + i * N, p->raw ? p->raw + i * N : NULL);
+        rpc_pool_row_f64(row, N, p->pool, p->kernel_size, p->out + i * N, p->raw ? p->raw + i * N : NULL);
     }
     free(acc);
     free(logit);
@@ -613,10 +545,10 @@ int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err) {
 
 static int check_accumulate_params(const rpc_accumulate_params *p, char *err) {
     if (!p || ((!p->q || !p->k || !p->acc) && p->B > 0 && p->length > 0))
-        return fail(err, RPC_ERR_VALUE, "accumulate: null pointer");
-    if (!float_dtype(p->dtype)) return fail(err, RPC_ERR_VALUE, "accumulate: dtype must be float32, float16 or bfloat16");
+        return rpc_fail(err, RPC_ERR_VALUE, "accumulate: null pointer");
+    if (!float_dtype(p->dtype)) return rpc_fail(err, RPC_ERR_VALUE, "accumulate: dtype must be float32, float16 or bfloat16");
     if (p->B < 0 || p->Hq < 1 || p->Hkv < 1 || p->D < 1 || p->Hq % p->Hkv != 0 || p->length < 0)
-        return fail(err, RPC_ERR_VALUE, "accumulate: bad sizes (need Hq % Hkv == 0, D >= 1, length >= 0)");
+        return rpc_fail(err, RPC_ERR_VALUE, "accumulate: bad sizes (need Hq % Hkv == 0, D >= 1, length >= 0)");
     return RPC_OK;
 }
 
@@ -686,7 +618,7 @@ int rpc_cpu_accumulate_scalar(const rpc_accumulate_params *p, char *err) {
     if (!sum || !logit) {
         free(sum);
         free(logit);
-        return fail(err, RPC_ERR_NOMEM, "accumulate: out of memory");
+        return rpc_fail(err, RPC_ERR_NOMEM, "accumulate: out of memory");
     }
     const int64_t *qs = p->q_stride, *ks = p->k_stride;
     for (int64_t b = 0; b < B; b++) {
@@ -699,7 +631,7 @@ int rpc_cpu_accumulate_scalar(const rpc_accumulate_params *p, char *err) {
                     const int64_t ko = b * ks[0] + h * ks[1] + j * ks[2];
                     float dot = 0.0f;
                     for (int64_t d = 0; d < D; d++)
-                        dot += load_elem(p->q, qo + d * qs[3], p->dtype) * load_elem(p->k, ko + d * ks[3], p->dtype);
+                        dot += rpc_load_elem(p->q, qo + d * qs[3], p->dtype) * rpc_load_elem(p->k, ko + d * ks[3], p->dtype);
                     logit[j] = dot * p->scale;
                 }
                 double w;
@@ -719,10 +651,10 @@ int rpc_cpu_accumulate_scalar(const rpc_accumulate_params *p, char *err) {
 #define RED_ROWS 32 /* similarity rows per block (multiple of PMR) */
 
 static int check_redundancy_params(const rpc_redundancy_params *p, char *err) {
-    if (!p || ((!p->k || !p->out) && p->B * p->Hkv * p->L > 0)) return fail(err, RPC_ERR_VALUE, "redundancy: null pointer");
-    if (!float_dtype(p->dtype)) return fail(err, RPC_ERR_VALUE, "redundancy: dtype must be float32, float16 or bfloat16");
-    if (p->B < 0 || p->Hkv < 0 || p->L < 0 || p->D < 1) return fail(err, RPC_ERR_VALUE, "redundancy: bad sizes");
-    if (isnan(p->threshold)) return fail(err, RPC_ERR_VALUE, "redundancy: threshold is NaN");
+    if (!p || ((!p->k || !p->out) && p->B * p->Hkv * p->L > 0)) return rpc_fail(err, RPC_ERR_VALUE, "redundancy: null pointer");
+    if (!float_dtype(p->dtype)) return rpc_fail(err, RPC_ERR_VALUE, "redundancy: dtype must be float32, float16 or bfloat16");
+    if (p->B < 0 || p->Hkv < 0 || p->L < 0 || p->D < 1) return rpc_fail(err, RPC_ERR_VALUE, "redundancy: bad sizes");
+    if (isnan(p->threshold)) return rpc_fail(err, RPC_ERR_VALUE, "redundancy: threshold is NaN");
     return RPC_OK;
 }
 
@@ -735,11 +667,11 @@ static void normalize_keys(const rpc_redundancy_params *p, int64_t b, int64_t h,
         const int64_t ko = b * ks[0] + h * ks[1] + (pad + i) * ks[2];
         double ss = 0.0;
         for (int64_t d = 0; d < D; d++) {
-            const double v = load_elem(p->k, ko + d * ks[3], p->dtype);
+            const double v = rpc_load_elem(p->k, ko + d * ks[3], p->dtype);
             ss += v * v;
         }
         const double inv = 1.0 / (sqrt(ss) + 1e-8);
-        for (int64_t d = 0; d < D; d++) kn[i * D + d] = (float)(load_elem(p->k, ko + d * ks[3], p->dtype) * inv);
+        for (int64_t d = 0; d < D; d++) kn[i * D + d] = (float)(rpc_load_elem(p->k, ko + d * ks[3], p->dtype) * inv);
     }
 }
 
@@ -796,7 +728,7 @@ int rpc_cpu_redundancy(const rpc_redundancy_params *p, char *err) {
     if (B * H * L == 0) return RPC_OK;
     memset(p->out, 0, (size_t)(B * H * L) * sizeof(float));
     const micro_fn micro = pick_micro();
-    const int64_t units = B * H, nthreads = max_threads();
+    const int64_t units = B * H, nthreads = rpc_max_threads();
     int64_t nmax = 0;
     for (int64_t b = 0; b < B; b++) {
         const int64_t n = L - (p->padding ? clamp64(p->padding[b], 0, L) : 0);
@@ -863,7 +795,7 @@ int rpc_cpu_redundancy(const rpc_redundancy_params *p, char *err) {
             free(kp);
             free(partial);
             free(col);
-            return fail(err, RPC_ERR_NOMEM, "redundancy: out of memory");
+            return rpc_fail(err, RPC_ERR_NOMEM, "redundancy: out of memory");
         }
         for (int64_t u = 0; u < units && !failed; u++) {
             const int64_t b = u / H, h = u % H;
@@ -910,7 +842,7 @@ int rpc_cpu_redundancy(const rpc_redundancy_params *p, char *err) {
         free(partial);
         free(col);
     }
-    if (failed) return fail(err, RPC_ERR_NOMEM, "redundancy: out of memory (per-thread scratch)");
+    if (failed) return rpc_fail(err, RPC_ERR_NOMEM, "redundancy: out of memory (per-thread scratch)");
     return RPC_OK;
 }
 
@@ -927,7 +859,7 @@ int rpc_cpu_redundancy_scalar(const rpc_redundancy_params *p, char *err) {
         free(kn);
         free(sim);
         free(col);
-        return fail(err, RPC_ERR_NOMEM, "redundancy: out of memory");
+        return rpc_fail(err, RPC_ERR_NOMEM, "redundancy: out of memory");
     }
     for (int64_t b = 0; b < B; b++) {
         const int64_t pad = p->padding ? clamp64(p->padding[b], 0, L) : 0, n = L - pad;
@@ -958,14 +890,14 @@ int rpc_cpu_redundancy_scalar(const rpc_redundancy_params *p, char *err) {
 /* ------------------------------------------------------------------------------------ fill scores */
 
 int rpc_cpu_fill_scores(const rpc_fill_params *p, char *err) {
-    if (!p) return fail(err, RPC_ERR_VALUE, "fill_scores: null pointer");
+    if (!p) return rpc_fail(err, RPC_ERR_VALUE, "fill_scores: null pointer");
     if (p->kind != RPC_FILL_RECENT && p->kind != RPC_FILL_RANDOM)
-        return fail(err, RPC_ERR_VALUE, "fill_scores: unknown kind");
+        return rpc_fail(err, RPC_ERR_VALUE, "fill_scores: unknown kind");
     if (p->batch < 0 || p->rows < 0 || p->n < 0 || (p->kind == RPC_FILL_RECENT && p->n > ((int64_t)1 << 24)))
-        return fail(err, RPC_ERR_VALUE, "fill_scores: bad sizes");
+        return rpc_fail(err, RPC_ERR_VALUE, "fill_scores: bad sizes");
     const int64_t total_rows = p->batch * p->rows, n = p->n;
     if (total_rows * n == 0) return RPC_OK;
-    if (!p->out) return fail(err, RPC_ERR_VALUE, "fill_scores: null pointer");
+    if (!p->out) return rpc_fail(err, RPC_ERR_VALUE, "fill_scores: null pointer");
     RPC_PRAGMA(omp parallel for schedule(static) if (total_rows > 1 && total_rows * n > 65536))
     for (int64_t row = 0; row < total_rows; row++) {
         float *o = p->out + row * n;
@@ -983,18 +915,18 @@ int rpc_cpu_fill_scores(const rpc_fill_params *p, char *err) {
 
 int rpc_cpu_compact_acc(const rpc_acc_compact_params *p, char *err) {
     if (!p || (!p->acc && p->B * p->H * p->L > 0) || (!p->indices && p->keep > 0))
-        return fail(err, RPC_ERR_VALUE, "compact accumulator: null pointer");
+        return rpc_fail(err, RPC_ERR_VALUE, "compact accumulator: null pointer");
     if (p->B < 0 || p->H < 0 || p->start < 0 || p->end < p->start || p->end > p->L || p->keep < 0 ||
         p->keep > p->end - p->start)
-        return fail(err, RPC_ERR_VALUE, "compact accumulator: need 0 <= start <= end <= L and keep <= end - start");
-    if (p->A != 1 && p->A != p->H) return fail(err, RPC_ERR_VALUE, "compact accumulator: A must be 1 or H");
+        return rpc_fail(err, RPC_ERR_VALUE, "compact accumulator: need 0 <= start <= end <= L and keep <= end - start");
+    if (p->A != 1 && p->A != p->H) return rpc_fail(err, RPC_ERR_VALUE, "compact accumulator: A must be 1 or H");
     const int64_t N = p->end - p->start, keep = p->keep, W = p->L - p->end;
     for (int64_t b = 0; b < p->B; b++)
         for (int64_t a = 0; a < p->A; a++) {
             const int64_t *row = p->indices + b * p->idx_stride_b + a * p->idx_stride_a;
             for (int64_t i = 0; i < keep; i++)
                 if (row[i] < 0 || row[i] >= N || (i > 0 && row[i] <= row[i - 1]))
-                    return fail(err, RPC_ERR_VALUE,
+                    return rpc_fail(err, RPC_ERR_VALUE,
                                 "compact accumulator: indices must be strictly ascending and in [0, end - start)");
         }
     const int64_t *s = p->acc_stride;
@@ -1006,5 +938,19 @@ int rpc_cpu_compact_acc(const rpc_acc_compact_params *p, char *err) {
             for (int64_t t = 0; t < W; t++) x[(p->start + keep + t) * s[2]] = x[(p->end + t) * s[2]];
             for (int64_t t = p->start + keep + W; t < p->L; t++) x[t * s[2]] = 0.0f;
         }
+    return RPC_OK;
+}
+
+/* ------------------------------------------------------------------------------------------- pool */
+
+int rpc_cpu_pool(const float *scores, int64_t rows, int64_t N, rpc_pooling pool, int kernel_size, float *out,
+                 char *err) {
+    if (rows < 0 || N < 0 || kernel_size < 1 || kernel_size % 2 == 0 || (pool != RPC_POOL_AVG && pool != RPC_POOL_MAX))
+        return rpc_fail(err, RPC_ERR_VALUE, "pool: need rows, N >= 0, an odd kernel_size and a known pooling");
+    if (rows * N == 0) return RPC_OK;
+    if (!scores || !out) return rpc_fail(err, RPC_ERR_VALUE, "pool: NULL pointer");
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t n = 0; n < N; n++)
+            out[r * N + n] = rpc_pool_at_f32_d(scores + r * N, N, n, kernel_size, pool == RPC_POOL_MAX);
     return RPC_OK;
 }

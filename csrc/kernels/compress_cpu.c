@@ -1,4 +1,4 @@
-/* compress_cpu.c: CPU kernels of one RPC compression (docs/rpc-algorithm.md steps 3-9).
+/* compress_cpu.c: CPU kernels of one RPC compression (docs/algorithm.md steps 3-9).
  *
  * Scoring is a batched "Q K^T, softmax along N, column sums" problem with a tiny M (the G*R selector
  * queries of one KV head) and a long N (the candidates). The fast path works per work item
@@ -21,7 +21,7 @@
  *
  * No Python API in this file: errors are a negative rpc_status plus a message in `err`.
  */
-#include "rpc.h"
+#include "cpu_common.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -48,97 +48,22 @@
 
 /* ------------------------------------------------------------------------------------------ util */
 
-static int fail(char *err, int status, const char *msg)
-{
-    if (err) snprintf(err, RPC_ERR_LEN, "%s", msg);
-    return status;
-}
-
-static float half_to_float(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t mant = h & 0x3ffu;
-    uint32_t u;
-    float f;
-    if (exp == 0) {
-        /* zero or subnormal: mant * 2^-24 is exact in float32 */
-        f = (float)mant * 5.9604644775390625e-8f;
-        memcpy(&u, &f, 4);
-        u |= sign;
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | (mant << 13);
-    } else {
-        u = sign | ((exp + 112u) << 23) | (mant << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float bf16_to_float(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float load_elem(const void *base, int64_t off, rpc_dtype dt)
-{
-    switch (dt) {
-    case RPC_F16: return half_to_float(((const uint16_t *)base)[off]);
-    case RPC_BF16: return bf16_to_float(((const uint16_t *)base)[off]);
-    default: return ((const float *)base)[off];
-    }
-}
-
-static int max_threads(void)
-{
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 static int check_score_params(const rpc_score_params *p, char *err)
 {
-    if (!p || !p->q || !p->k || !p->out) return fail(err, RPC_ERR_VALUE, "score: null pointer");
+    if (!p || !p->q || !p->k || !p->out) return rpc_fail(err, RPC_ERR_VALUE, "score: null pointer");
     if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
-        return fail(err, RPC_ERR_VALUE, "score: dtype must be float32, float16 or bfloat16");
+        return rpc_fail(err, RPC_ERR_VALUE, "score: dtype must be float32, float16 or bfloat16");
     if (p->B < 0 || p->Hq < 1 || p->Hkv < 1 || p->R < 1 || p->D < 1 || p->Hq % p->Hkv != 0)
-        return fail(err, RPC_ERR_VALUE, "score: bad sizes (need Hq % Hkv == 0, R >= 1, D >= 1)");
+        return rpc_fail(err, RPC_ERR_VALUE, "score: bad sizes (need Hq % Hkv == 0, R >= 1, D >= 1)");
     if (p->start < 0 || p->end <= p->start)
-        return fail(err, RPC_ERR_VALUE, "score: need 0 <= start < end");
+        return rpc_fail(err, RPC_ERR_VALUE, "score: need 0 <= start < end");
     if (p->kernel_size < 1 || p->kernel_size % 2 == 0)
-        return fail(err, RPC_ERR_VALUE, "score: kernel_size must be odd and >= 1");
+        return rpc_fail(err, RPC_ERR_VALUE, "score: kernel_size must be odd and >= 1");
     if (p->agg != RPC_AGG_ALL && p->agg != RPC_AGG_GROUP)
-        return fail(err, RPC_ERR_VALUE, "score: unknown aggregation");
+        return rpc_fail(err, RPC_ERR_VALUE, "score: unknown aggregation");
     if (p->pool != RPC_POOL_AVG && p->pool != RPC_POOL_MAX)
-        return fail(err, RPC_ERR_VALUE, "score: unknown pooling");
+        return rpc_fail(err, RPC_ERR_VALUE, "score: unknown pooling");
     return RPC_OK;
-}
-
-/* Step 7 on one aggregated row (double, length N) -> float32 pooled row (and the raw row). Average
- * pooling divides by the full kernel size (zero padding counted); max pooling ignores padding. */
-static void pool_row(const double *agg, int64_t N, rpc_pooling pool, int k, float *out, float *raw)
-{
-    int64_t h = k / 2;
-    for (int64_t n = 0; n < N; n++) {
-        int64_t lo = n - h < 0 ? 0 : n - h;
-        int64_t hi = n + h >= N ? N - 1 : n + h;
-        if (pool == RPC_POOL_AVG) {
-            double s = 0.0;
-            for (int64_t j = lo; j <= hi; j++) s += agg[j];
-            out[n] = (float)(s / (double)k);
-        } else {
-            double m = agg[lo];
-            for (int64_t j = lo + 1; j <= hi; j++)
-                if (agg[j] > m || isnan(agg[j])) m = agg[j];
-            out[n] = (float)m;
-        }
-        if (raw) raw[n] = (float)agg[n];
-    }
 }
 
 /* --------------------------------------------------------------------------- scalar reference */
@@ -155,7 +80,7 @@ int rpc_cpu_score_scalar(const rpc_score_params *p, char *err)
     if (!acc || !logit) {
         free(acc);
         free(logit);
-        return fail(err, RPC_ERR_NOMEM, "score: out of memory");
+        return rpc_fail(err, RPC_ERR_NOMEM, "score: out of memory");
     }
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < Hq; h++) {
@@ -168,8 +93,8 @@ int rpc_cpu_score_scalar(const rpc_score_params *p, char *err)
                     int64_t ko = b * p->k_stride[0] + kh * p->k_stride[1] + (p->start + n) * p->k_stride[2];
                     float dot = 0.0f;
                     for (int64_t d = 0; d < D; d++)
-                        dot += load_elem(p->q, qo + d * p->q_stride[3], p->dtype) *
-                               load_elem(p->k, ko + d * p->k_stride[3], p->dtype);
+                        dot += rpc_load_elem(p->q, qo + d * p->q_stride[3], p->dtype) *
+                               rpc_load_elem(p->k, ko + d * p->k_stride[3], p->dtype);
                     logit[n] = dot * p->scale;
                     if (logit[n] > mx) mx = logit[n];
                 }
@@ -186,7 +111,7 @@ int rpc_cpu_score_scalar(const rpc_score_params *p, char *err)
     for (int64_t i = 0; i < B * A; i++) {
         double *row = acc + i * N;
         for (int64_t n = 0; n < N; n++) row[n] /= heads;
-        pool_row(row, N, p->pool, p->kernel_size, p->out + i * N, p->raw ? p->raw + i * N : NULL);
+        rpc_pool_row_f64(row, N, p->pool, p->kernel_size, p->out + i * N, p->raw ? p->raw + i * N : NULL);
     }
     free(acc);
     free(logit);
@@ -467,44 +392,7 @@ static const cpu_isa_ops isa_avx2 = {6, 16, "avx2", micro_avx2, row_max_avx2, ex
 static const cpu_isa_ops isa_avx512 = {8, 32, "avx512", micro_avx512, row_max_avx512, exp_sum_avx512, accumulate_avx512};
 #endif
 
-/* Dispatch: best supported ISA, optionally capped by rpc_cpu_set_isa (tests use it to exercise every
- * path on one machine). */
-static int isa_cap = RPC_CPU_ISA_AVX512;
-
-static int isa_supported(int isa)
-{
-    if (isa == RPC_CPU_ISA_GENERIC) return 1;
-#ifdef RPC_X86
-    __builtin_cpu_init();
-    if (isa == RPC_CPU_ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (isa == RPC_CPU_ISA_AVX512) return __builtin_cpu_supports("avx512f");
-#endif
-    return 0;
-}
-
-int rpc_cpu_isa(void)
-{
-    for (int isa = isa_cap; isa > RPC_CPU_ISA_GENERIC; isa--)
-        if (isa_supported(isa)) return isa;
-    return RPC_CPU_ISA_GENERIC;
-}
-
-int rpc_cpu_set_isa(int isa)
-{
-    if (isa < RPC_CPU_ISA_GENERIC || isa > RPC_CPU_ISA_AVX512 || !isa_supported(isa)) return -1;
-    isa_cap = isa;
-    return 0;
-}
-
-const char *rpc_cpu_isa_name(int isa)
-{
-    switch (isa) {
-    case RPC_CPU_ISA_AVX2: return "avx2";
-    case RPC_CPU_ISA_AVX512: return "avx512";
-    default: return "generic";
-    }
-}
-
+/* The ISA: rpc_cpu_isa (cpu_isa.c, the one dispatcher of every CPU kernel). */
 static const cpu_isa_ops *isa_ops(void)
 {
 #ifdef RPC_X86
@@ -535,7 +423,7 @@ int rpc_cpu_score(const rpc_score_params *p, char *err)
     /* Work items: (b, kv head, row range). Split rows when there are too few (b, kv head) pairs to
      * keep every thread busy; rows are independent (one softmax per query row). */
     const int64_t units = B * Hkv;
-    const int64_t nthreads = max_threads();
+    const int64_t nthreads = rpc_max_threads();
     int64_t splits = 1;
     if (units < 2 * nthreads) splits = (2 * nthreads + units - 1) / units;
     int64_t rows_per_item = round_up((M + splits - 1) / splits, mr);
@@ -550,7 +438,7 @@ int rpc_cpu_score(const rpc_score_params *p, char *err)
     if (!part || !agg) {
         free(part);
         free(agg);
-        return fail(err, RPC_ERR_NOMEM, "score: out of memory");
+        return rpc_fail(err, RPC_ERR_NOMEM, "score: out of memory");
     }
     int failed = 0;
     const float scale = p->scale;
@@ -585,7 +473,7 @@ int rpc_cpu_score(const rpc_score_params *p, char *err)
                         const float *src = (const float *)p->k + ko;
                         for (int64_t d = 0; d < D; d++) dst[d * nr] = src[d];
                     } else {
-                        for (int64_t d = 0; d < D; d++) dst[d * nr] = load_elem(p->k, ko + d * p->k_stride[3], p->dtype);
+                        for (int64_t d = 0; d < D; d++) dst[d * nr] = rpc_load_elem(p->k, ko + d * p->k_stride[3], p->dtype);
                     }
                 } else {
                     for (int64_t d = 0; d < D; d++) dst[d * nr] = 0.0f;
@@ -603,7 +491,7 @@ int rpc_cpu_score(const rpc_score_params *p, char *err)
                         const int64_t qo = b * p->q_stride[0] + (kh * G + row / R) * p->q_stride[1] +
                                            (row % R) * p->q_stride[2];
                         for (int64_t d = 0; d < D; d++)
-                            dst[d * mr] = load_elem(p->q, qo + d * p->q_stride[3], p->dtype) * scale;
+                            dst[d * mr] = rpc_load_elem(p->q, qo + d * p->q_stride[3], p->dtype) * scale;
                     } else {
                         for (int64_t d = 0; d < D; d++) dst[d * mr] = 0.0f;
                     }
@@ -628,7 +516,7 @@ int rpc_cpu_score(const rpc_score_params *p, char *err)
     if (failed) {
         free(part);
         free(agg);
-        return fail(err, RPC_ERR_NOMEM, "score: out of memory (per-thread scratch)");
+        return rpc_fail(err, RPC_ERR_NOMEM, "score: out of memory (per-thread scratch)");
     }
 
     /* Deterministic reduction: items of one output row, in item order. */
@@ -644,7 +532,7 @@ int rpc_cpu_score(const rpc_score_params *p, char *err)
                 }
             for (int64_t n = 0; n < N; n++) agg[n] /= heads;
             int64_t o = (b * A + a) * N;
-            pool_row(agg, N, p->pool, p->kernel_size, p->out + o, p->raw ? p->raw + o : NULL);
+            rpc_pool_row_f64(agg, N, p->pool, p->kernel_size, p->out + o, p->raw ? p->raw + o : NULL);
         }
     }
     free(part);
@@ -722,9 +610,9 @@ static void select_first_k(ranked *v, int64_t n, int64_t k)
 int rpc_cpu_select(const rpc_select_params *p, char *err)
 {
     if (!p || (!p->scores && p->rows * p->N > 0) || (!p->indices && p->rows * p->keep > 0))
-        return fail(err, RPC_ERR_VALUE, "select: null pointer");
+        return rpc_fail(err, RPC_ERR_VALUE, "select: null pointer");
     if (p->rows < 0 || p->N < 0 || p->keep < 0 || p->keep > p->N)
-        return fail(err, RPC_ERR_VALUE, "select: need 0 <= keep <= N");
+        return rpc_fail(err, RPC_ERR_VALUE, "select: need 0 <= keep <= N");
     const int64_t rows = p->rows, N = p->N, keep = p->keep;
     if (keep == 0 || rows == 0) return RPC_OK;
     int failed = 0;
@@ -752,7 +640,7 @@ int rpc_cpu_select(const rpc_select_params *p, char *err)
         qsort(out, (size_t)keep, sizeof(int64_t), cmp_i64);
         free(v);
     }
-    if (failed) return fail(err, RPC_ERR_NOMEM, "select: out of memory");
+    if (failed) return rpc_fail(err, RPC_ERR_NOMEM, "select: out of memory");
     return RPC_OK;
 }
 
@@ -761,14 +649,14 @@ int rpc_cpu_select(const rpc_select_params *p, char *err)
 int rpc_cpu_compact(const rpc_compact_params *p, char *err)
 {
     if (!p || !p->k || !p->v || (!p->indices && p->keep > 0))
-        return fail(err, RPC_ERR_VALUE, "compact: null pointer");
+        return rpc_fail(err, RPC_ERR_VALUE, "compact: null pointer");
     if (p->dtype != RPC_F32 && p->dtype != RPC_F16 && p->dtype != RPC_BF16)
-        return fail(err, RPC_ERR_VALUE, "compact: dtype must be float32, float16 or bfloat16");
+        return rpc_fail(err, RPC_ERR_VALUE, "compact: dtype must be float32, float16 or bfloat16");
     if (p->start < 0 || p->end < p->start || p->end > p->L || p->keep < 0 || p->keep > p->end - p->start)
-        return fail(err, RPC_ERR_VALUE, "compact: need 0 <= start <= end <= L and keep <= end - start");
-    if (p->A != 1 && p->A != p->H) return fail(err, RPC_ERR_VALUE, "compact: A must be 1 or H");
+        return rpc_fail(err, RPC_ERR_VALUE, "compact: need 0 <= start <= end <= L and keep <= end - start");
+    if (p->A != 1 && p->A != p->H) return rpc_fail(err, RPC_ERR_VALUE, "compact: A must be 1 or H");
     if (p->D > 1 && (p->k_stride[3] != 1 || p->v_stride[3] != 1))
-        return fail(err, RPC_ERR_VALUE, "compact: the D stride must be 1");
+        return rpc_fail(err, RPC_ERR_VALUE, "compact: the D stride must be 1");
     const int64_t B = p->B, H = p->H, A = p->A, keep = p->keep, N = p->end - p->start;
     /* Re-check the index rows here too: a bad row would move memory backwards over live tokens. */
     for (int64_t b = 0; b < B; b++)
@@ -776,7 +664,7 @@ int rpc_cpu_compact(const rpc_compact_params *p, char *err)
             const int64_t *row = p->indices + b * p->idx_stride_b + a * p->idx_stride_a;
             for (int64_t i = 0; i < keep; i++)
                 if (row[i] < 0 || row[i] >= N || (i > 0 && row[i] <= row[i - 1]))
-                    return fail(err, RPC_ERR_VALUE,
+                    return rpc_fail(err, RPC_ERR_VALUE,
                                 "compact: indices must be strictly ascending and in [0, end - start)");
         }
     const size_t es = rpc_dtype_size(p->dtype);

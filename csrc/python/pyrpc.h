@@ -1,5 +1,5 @@
-/* pyrpc.h: Python-facing helpers shared by the binding files (module.c, dlpack_bridge.c,
- * kvcache.c, ops_binding.c). Kernel files must not include this header.
+/* pyrpc.h: the Python layer's shared declarations (csrc/python/: common.c, dlpack_bridge.c,
+ * binding_util.c, and the files that use them). Kernel and runtime files must not include this header.
  *
  * Ownership conventions: every `PyObject **` out-parameter receives a new reference; every function
  * returning int returns 0 on success and -1 with a Python exception set on failure.
@@ -18,6 +18,8 @@ typedef struct {
     PyTypeObject *ViewType;      /* DLPack producer over (part of) a Storage */
 } rpc_module_state;
 
+/* ---- common.c (the base every binding file uses; it calls none of them) */
+int rpc_common_init(PyModuleDef *def);  /* module.c's exec slot: NumPy C API + the module definition */
 rpc_module_state *rpc_get_state_from_type(PyTypeObject *tp); /* tp: one of our heap types */
 rpc_module_state *rpc_get_state(PyObject *module);
 
@@ -57,10 +59,8 @@ PyObject *rpc_view_new(rpc_module_state *st, PyObject *owner, void *data, rpc_de
                        int device_id, rpc_dtype dtype, int ndim, const int64_t *shape,
                        const int64_t *strides);
 
-/* Host results as NumPy arrays (module.c imports the NumPy C API; these live there).
- * from_host copies into a new array; from_storage wraps `data` (inside `storage`, C-contiguous) without
- * a copy and keeps the storage alive as the array's base. */
-PyObject *rpc_numpy_from_host(const void *data, rpc_dtype dtype, int ndim, const int64_t *shape);
+/* Host results as NumPy arrays (common.c, the one file that uses the NumPy C API): wraps `data` (inside
+ * `storage`, C-contiguous) without a copy and keeps the storage alive as the array's base. */
 PyObject *rpc_numpy_from_storage(PyObject *storage, void *data, rpc_dtype dtype, int ndim, const int64_t *shape);
 
 /* ---- Shared binding helpers (binding_util.c) */

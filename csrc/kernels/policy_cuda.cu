@@ -372,26 +372,22 @@ __global__ void attn_aggregate_kernel(const float *__restrict__ part, float *__r
     raw[idx] = s / div;
 }
 
-/* RPC's pooling: stride 1, padding k / 2; average counts the padding, max ignores it (NaN propagates). */
+/* RPC's pooling (rpc_pool_at of rpc.h, the definition every kernel shares). */
 __global__ void attn_pool_kernel(const float *__restrict__ raw, float *__restrict__ out, int64_t rows, int64_t N,
                                  int ksize, int is_max) {
     const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= rows * N) return;
     const int64_t n = idx % N;
-    const float *row = raw + (idx - n);
-    const int64_t half = ksize / 2;
-    const int64_t lo = n - half < 0 ? 0 : n - half;
-    const int64_t hi = n + half >= N ? N - 1 : n + half;
-    if (is_max) {
-        float m = row[lo];
-        for (int64_t j = lo + 1; j <= hi; ++j)
-            if (row[j] > m || row[j] != row[j]) m = row[j];
-        out[idx] = m;
-    } else {
-        float s = 0.0f;
-        for (int64_t j = lo; j <= hi; ++j) s += row[j];
-        out[idx] = s / (float)ksize;
-    }
+    out[idx] = rpc_pool_at_f32(raw + (idx - n), N, n, ksize, is_max);
+}
+
+/* rpc_cuda_pool: float32 rows pooled with a double sum (rpc_pool_at_f32_d), as rpc_cpu_pool. */
+__global__ void pool_rows_kernel(const float *__restrict__ in, float *__restrict__ out, int64_t rows, int64_t N,
+                                 int ksize, int is_max) {
+    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= rows * N) return;
+    const int64_t n = idx % N;
+    out[idx] = rpc_pool_at_f32_d(in + (idx - n), N, n, ksize, is_max);
 }
 
 /* acc[b, h, j] += the per-key sums (double add, one rounding), j in [pad_b, length). */
@@ -923,6 +919,22 @@ extern "C" int rpc_cuda_fill_scores(int device, const rpc_fill_params *p, void *
     fill_kernel<<<(unsigned)blocks, 256, 0, st>>>(p->out, total, p->n, (int)p->kind, p->seed, p->layer,
                                                   p->compression);
     RPC_CUDA_CHECK(cudaGetLastError(), "fill_scores: kernel launch");
+    return RPC_OK;
+}
+
+extern "C" int rpc_cuda_pool(int device, const float *scores, int64_t rows, int64_t N, rpc_pooling pool,
+                             int kernel_size, float *out, void *stream, char *err) {
+    if (rows < 0 || N < 0 || kernel_size < 1 || kernel_size % 2 == 0 || (pool != RPC_POOL_AVG && pool != RPC_POOL_MAX))
+        return rpc_value_error(err, "pool (cuda): need rows, N >= 0, an odd kernel_size and a known pooling");
+    const int64_t total = rows * N;
+    if (total == 0) return RPC_OK;
+    if (!scores || !out) return rpc_value_error(err, "pool (cuda): NULL pointer");
+    if (ceil_div(total, 256) > INT_MAX) return rpc_value_error(err, "pool (cuda): too many scores");
+    RPC_DEVICE_GUARD(device);
+    cudaStream_t st = static_cast<cudaStream_t>(stream);
+    pool_rows_kernel<<<(unsigned)ceil_div(total, 256), 256, 0, st>>>(scores, out, rows, N, kernel_size,
+                                                                     pool == RPC_POOL_MAX);
+    RPC_CUDA_CHECK(cudaGetLastError(), "pool: kernel launch");
     return RPC_OK;
 }
 
