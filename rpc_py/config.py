@@ -18,6 +18,7 @@ __all__ = ["RPCConfig"]
 
 _POOLINGS = ("avg", "max")
 _AGGREGATIONS = ("all", "group")
+_RPC_SETTINGS = ("pooling", "kernel_size", "aggregation")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -40,30 +41,33 @@ class RPCConfig:
             interval generated so far.
         budget: optional cap on the number of selected (older) generated tokens kept after a
             compression; the recent window and the prompt are kept in addition. ``None``: no cap.
-        pooling: ``"avg"`` or ``"max"`` 1-D pooling of the scores along the sequence.
-        kernel_size: odd pooling width (stride 1, padding ``kernel_size // 2``).
-        aggregation: ``"all"`` (one kept set per sequence and layer) or ``"group"`` (one per KV head).
+        pooling, kernel_size, aggregation: a shorthand for the settings of the default policy,
+            ``RPC(pooling=..., kernel_size=..., aggregation=...)`` (``rpc_py.policies.RPC``): ``"avg"`` or
+            ``"max"`` 1-D pooling of the scores along the sequence, its odd width (stride 1, padding
+            ``kernel_size // 2``), and ``"all"`` (one kept set per sequence and layer) or ``"group"`` (one
+            per KV head). ``None``: the policy's own value (RPC's defaults: ``"avg"``, 7, ``"all"``). After
+            construction they read the RPC policy's values (``None`` for other policies).
         enabled: ``False`` runs the same cache path without ever compressing (for ablations).
         policy: which tokens a compression keeps: ``"rpc"`` (default), ``"recent"``, ``"random"``,
             ``"tova"``, ``"h2o"``, ``"snapkv"``, ``"rkv"``, or a policy object from ``rpc_py.policies``
-            with its own settings (e.g. ``SnapKV(kernel_size=7)``). Every policy shares the schedule,
-            the protected prompt, the recent window and the budget above; ``pooling``,
-            ``kernel_size`` and ``aggregation`` are RPC's scoring settings (other policies carry
-            their own). See docs/policies.md.
+            with its own settings (e.g. ``SnapKV(kernel_size=7)``, ``RPC(kernel_size=5)``). Every policy
+            shares the schedule, the protected prompt, the recent window and the budget above. See
+            docs/policies.md.
     """
 
     interval: int = 4096
     window: int = 32
     ratio: int = 4
     budget: int | None = None
-    pooling: str = "avg"
-    kernel_size: int = 7
-    aggregation: str = "all"
+    pooling: str | None = None
+    kernel_size: int | None = None
+    aggregation: str | None = None
     enabled: bool = True
     policy: str | Policy = "rpc"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", as_policy(self.policy))
+        self._settle_rpc_settings()
         _check_int("interval", self.interval, 1)
         _check_int("window", self.window, 1)
         _check_int("ratio", self.ratio, 1)
@@ -74,22 +78,43 @@ class RPCConfig:
             )
         if self.budget is not None:
             _check_int("budget", self.budget, 0)
-        if self.pooling not in _POOLINGS:
-            raise ValueError(f"RPCConfig.pooling: expected one of {_POOLINGS}, got {self.pooling!r}")
-        _check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"RPCConfig.kernel_size: expected an odd int, got {self.kernel_size}")
-        if self.aggregation not in _AGGREGATIONS:
-            raise ValueError(f"RPCConfig.aggregation: expected one of {_AGGREGATIONS}, got {self.aggregation!r}")
         if not isinstance(self.enabled, bool):
             raise TypeError(f"RPCConfig.enabled: expected a bool, got {type(self.enabled).__name__}")
-        if not isinstance(self.policy, RPC):
-            for name, default in (("pooling", "avg"), ("kernel_size", 7), ("aggregation", "all")):
-                if getattr(self, name) != default:
-                    raise ValueError(
-                        f"RPCConfig.{name} is RPC's scoring setting; with policy={self.policy.name!r} set it on the "
-                        f"policy object instead, e.g. policy={type(self.policy).__name__}(...)"
-                    )
+
+    def _settle_rpc_settings(self) -> None:
+        """One home for RPC's scoring settings: the RPC policy object. The shorthand fields are checked,
+        folded into the policy, then read back from it."""
+        given = {name: getattr(self, name) for name in _RPC_SETTINGS if getattr(self, name) is not None}
+        if "pooling" in given and given["pooling"] not in _POOLINGS:
+            raise ValueError(f"RPCConfig.pooling: expected one of {_POOLINGS}, got {given['pooling']!r}")
+        if "kernel_size" in given:
+            _check_int("kernel_size", given["kernel_size"], 1)
+            if given["kernel_size"] % 2 == 0:
+                raise ValueError(f"RPCConfig.kernel_size: expected an odd int, got {given['kernel_size']}")
+        if "aggregation" in given and given["aggregation"] not in _AGGREGATIONS:
+            raise ValueError(f"RPCConfig.aggregation: expected one of {_AGGREGATIONS}, got {given['aggregation']!r}")
+        policy = self.policy
+        defaults = RPC()
+        if not isinstance(policy, RPC):
+            for name, value in given.items():
+                if value == getattr(defaults, name):
+                    continue  # RPC's default, meaningless for this policy: accepted, as before policies existed
+                raise ValueError(
+                    f"RPCConfig.{name} is RPC's scoring setting; with policy={policy.name!r} set it on the "
+                    f"policy object instead, e.g. policy={type(policy).__name__}(...)"
+                )
+            for name in _RPC_SETTINGS:
+                object.__setattr__(self, name, None)
+            return
+        for name, value in given.items():
+            mine = getattr(policy, name)
+            if value != mine and mine != getattr(defaults, name):
+                raise ValueError(f"RPCConfig.{name}={value!r} contradicts policy={policy!r}; set it in one place")
+        if given:
+            policy = dataclasses.replace(policy, **given)
+            object.__setattr__(self, "policy", policy)
+        for name in _RPC_SETTINGS:
+            object.__setattr__(self, name, getattr(policy, name))
 
     def __repr__(self) -> str:
         if not self.enabled:
@@ -106,10 +131,46 @@ class RPCConfig:
         return self.policy.name if self.enabled else "none"
 
     def replace(self, **changes) -> "RPCConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A change of ``pooling``, ``kernel_size``
+        or ``aggregation`` changes the RPC policy's setting."""
+        rpc_changes = {k: changes[k] for k in _RPC_SETTINGS if k in changes}
+        if rpc_changes and "policy" not in changes and isinstance(self.policy, RPC):
+            # the changed settings take the default on the policy, so the (validated) fields win over them
+            changes["policy"] = RPC(**{k: getattr(self.policy, k) for k in _RPC_SETTINGS if k not in rpc_changes})
+        if "policy" in changes and not rpc_changes:
+            changes.update({k: None for k in _RPC_SETTINGS})  # take the new policy's own settings
         return dataclasses.replace(self, **changes)
 
+    @staticmethod
+    def resolve(rpc: "RPCConfig | None") -> "RPCConfig":
+        """The config a call runs with: ``None`` means compression off (the same cache path, nothing
+        dropped). Every entry point turns ``rpc=None`` into a config here and nowhere else."""
+        if rpc is None:
+            return RPCConfig(enabled=False)
+        if not isinstance(rpc, RPCConfig):
+            raise TypeError(f"rpc_py: rpc: expected an RPCConfig or None, got {type(rpc).__name__}")
+        return rpc
+
     # ------------------------------------------------------------------ schedule
+    # The schedule, in one place: the cache, the CUDA-graph loop and the capacity planning ask these.
+
+    def compress_due(self, held: int) -> bool:
+        """True when a layer holding ``held`` generated tokens since its last compression (or the
+        prompt), this step's included, compresses now: after this step's attention, when P + R have
+        accumulated. Larger values mean a compression was missed (the caller raises)."""
+        return self.enabled and held == self.interval + self.window
+
+    def records_query(self, held: int) -> bool:
+        """True when this decode step's query, with ``held`` generated tokens held since the last
+        compression, is one of the last R before the next compression (the selector window):
+        only those are ever scored, the others need not be recorded."""
+        return self.enabled and held > self.interval
+
+    def length_after(self, prompt_length: int, compressions: int) -> int:
+        """Physical length of a layer right after its ``compressions``-th compression (>= 1): the
+        prompt, the kept selected tokens and the recent window."""
+        return prompt_length + self.kept_after(compressions) + self.window
+
     @property
     def kept_per_interval(self) -> int:
         """T = P // c: selected tokens added to the kept set by each compression."""

@@ -4,9 +4,9 @@ generations, and a plot of the physical cache length per layer with the compress
 Nothing here is needed to generate, and nothing here is imported by ``import rpc_py``: tqdm,
 matplotlib and IPython are imported lazily, when a helper that draws something is called.
 
-* ``RPCStats._repr_html_`` and ``RPCCache._repr_html_`` delegate to :func:`stats_html` and
-  :func:`cache_html`, so a cache or a stats object as the last expression of a cell shows a
-  compact table.
+* ``RPCStats._repr_html_`` and ``RPCCache._repr_html_`` show :func:`stats_html` and
+  :func:`cache_html` (defined in ``rpc_py._html``, re-exported here), so a cache or a stats object as
+  the last expression of a cell shows a compact table.
 * :class:`GenerationMonitor` is a transformers streamer (``put``/``end``): ``generate`` calls it
   once with the prompt and once per new token. Per new token it advances an optional tqdm bar and
   records, per layer, the physical length of the cache after that decode step and the steps at
@@ -20,12 +20,11 @@ matplotlib and IPython are imported lazily, when a helper that draws something i
 
 from __future__ import annotations
 
-import html
 import sys
 import weakref
 from array import array
 
-from ._report import format_bytes as _fmt_bytes
+from ._html import RECORDED_HISTORIES, _config_text, cache_html, stats_html
 
 __all__ = [
     "GenerationMonitor",
@@ -37,80 +36,10 @@ __all__ = [
     "stats_html",
 ]
 
-# cache -> the LengthHistory a monitor recorded from it, so that plot_cache_lengths(cache) works
-# after rpc_py.generate(..., progress=True), where the caller never sees the monitor.
-_HISTORIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# cache -> the LengthHistory a monitor recorded from it (see rpc_py._html).
+_HISTORIES = RECORDED_HISTORIES
 
 
-# ------------------------------------------------------------------------------------ HTML tables
-def _span(values) -> str:
-    """One number when every layer agrees, else ``min-max``."""
-    values = list(values)
-    if not values:
-        return "-"
-    lo, hi = min(values), max(values)
-    return f"{lo}" if lo == hi else f"{lo}\u2013{hi}"
-
-
-def _config_text(rpc) -> str:
-    if not rpc.enabled:
-        return "off (same cache path, no compression)"
-    budget = "" if rpc.budget is None else f", budget {rpc.budget}"
-    head = f"P={rpc.interval}, R={rpc.window}, c={rpc.ratio}{budget}; "
-    if getattr(rpc, "policy_name", "rpc") != "rpc":  # another selection policy on RPC's schedule
-        return head + f"policy {rpc.policy!r}"
-    return head + f"{rpc.pooling} pooling k={rpc.kernel_size}, aggregation {rpc.aggregation!r}"
-
-
-_STYLE = ("border-collapse:collapse;font-size:0.9em;margin:0.2em 0",
-          "text-align:left;padding:1px 10px 1px 0;font-weight:600;vertical-align:top",
-          "text-align:left;padding:1px 0")
-
-
-def _table(title: str, rows: list[tuple[str, str]]) -> str:
-    table, th, td = _STYLE
-    body = "".join(f'<tr><th style="{th}">{html.escape(k)}</th><td style="{td}">{v}</td></tr>' for k, v in rows)
-    return (f'<table class="rpc-py" style="{table}"><caption style="text-align:left;font-weight:600">'
-            f"{html.escape(title)}</caption>{body}</table>")
-
-
-def _stats_rows(stats) -> list[tuple[str, str]]:
-    layers = len(stats.tokens_seen)
-    kept_pct = 100.0 * stats.kept_fraction
-    return [
-        ("RPC", html.escape(_config_text(stats.rpc))),
-        ("shape", f"batch {stats.batch_size}, {layers} layers, prompt {stats.prompt_length} tokens, "
-                  f"{stats.generated} decode steps"),
-        ("tokens per layer", f"seen {_span(stats.tokens_seen)}, kept {_span(stats.tokens_kept)} ({kept_pct:.1f}%)"),
-        ("compressions", f"{_span(stats.compressions)} per layer ({stats.total_compressions} in all), "
-                         f"{1e3 * stats.compress_seconds:.2f} ms"),
-        ("KV memory", f"{_fmt_bytes(stats.live_kv_bytes)} live, {_fmt_bytes(stats.kv_bytes)} allocated, "
-                      f"peak {_fmt_bytes(stats.peak_kv_bytes)}"),
-    ]
-
-
-def stats_html(stats) -> str:
-    """A compact HTML table of an ``RPCStats`` snapshot (what ``RPCStats._repr_html_`` shows)."""
-    return _table("RPC cache statistics", _stats_rows(stats))
-
-
-def cache_html(cache) -> str:
-    """A compact HTML table of an ``RPCCache``: its state and its statistics."""
-    if cache.closed:
-        state = "released (storage freed; statistics kept)"
-    elif cache.kvcache is None:
-        state = "empty (no token appended yet)"
-    else:
-        state = f"open, physical length {_span(layer.length for layer in cache.layers)}"
-    rows = [("state", html.escape(state))] + _stats_rows(cache.stats())
-    history = _HISTORIES.get(cache)
-    if history is not None:
-        rows.append(("recorded", f"per-layer lengths over {len(history.steps)} decode steps "
-                                 "(<code>rpc_py.notebook.plot_cache_lengths(cache)</code>)"))
-    return _table(f"RPCCache, {cache.num_layers} layers", rows)
-
-
-# ------------------------------------------------------------------------------ length recording
 class LengthHistory:
     """Physical cache length per layer after each recorded decode step, and the compressions.
 
@@ -300,7 +229,7 @@ class GenerationMonitor:
         self._started = True
         self.tokens = 0
         if not self._own_cache:
-            from .hf.generate import last_cache
+            from .hf.registry import last_cache
 
             cache = last_cache()
             # Only a cache that has not started yet belongs to this generation (a plain

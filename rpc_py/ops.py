@@ -8,7 +8,7 @@ CUDA). torch is optional: it is only imported when the inputs are torch tensors.
 The first use of a kernel family on a CUDA device (torch inputs) is checked against the CPU kernels
 (``rpc_py.selfcheck``); a mismatch raises ``KernelCheckError``.
 
-Steps of the method (docs/rpc-algorithm.md): ``score`` = 3-7, ``select`` = 8, ``compact`` = 9,
+Steps of the method (docs/algorithm.md): ``score`` = 3-7, ``select`` = 8, ``compact`` = 9,
 ``compress`` = all of them on one layer.
 
 Score functions of the other selection policies (rpc_py/policy_reference.py is their oracle):

@@ -8,9 +8,9 @@ original order) and in-place compaction are shared C kernels. So an ablation ove
 the rule itself.
 
 A policy is a small frozen dataclass: ``RPCConfig(policy="snapkv")`` uses the defaults below,
-``RPCConfig(policy=SnapKV(kernel_size=7))`` sets them. ``rpc`` takes its scoring settings from
-``RPCConfig`` (``pooling``, ``kernel_size``, ``aggregation``), as before policies existed, and runs the
-fused RPC kernel (``KVCache.compress``), unchanged. The others compute scores with the kernels of
+``RPCConfig(policy=SnapKV(kernel_size=7))`` sets them. ``RPC`` is one of them, with its own settings
+(``RPC(pooling=..., kernel_size=..., aggregation=...)``; ``RPCConfig(pooling=..., ...)`` is a shorthand
+for them), and runs the fused RPC kernel (``KVCache.compress``). The others compute scores with the kernels of
 ``rpc_py._C`` (``attn_scores``, ``redundancy``, ``fill_scores``, H2O's accumulators) and then call
 ``select`` and ``KVCache.compact``. Their float64 oracle is ``rpc_py.policy_reference``.
 
@@ -60,6 +60,11 @@ class Policy:
         """Index sets per sequence: 1 (one for all heads) or ``kv_heads`` (one per KV head)."""
         return 1 if getattr(self, "aggregation", "all") == "all" else kv_heads
 
+    def uses_fused_kernel(self, tensor_parallel) -> bool:
+        """True when a compression runs as one fused kernel call (RPC in a single process) rather than
+        scores from ``scores`` followed by the shared select and compact kernels."""
+        return False
+
     def scores(self, ctx: "ScoreContext"):
         """Scores ``[B, A, N]`` (float32 torch tensor on the cache's device) of the candidates."""
         raise NotImplementedError
@@ -68,11 +73,30 @@ class Policy:
 @dataclass(frozen=True)
 class RPC(Policy):
     """Reasoning Path Compression (Song et al., NeurIPS 2025): attention of the last ``window``
-    queries, softmax over the candidates, summed over queries, averaged over heads, pooled. Its
-    settings are ``RPCConfig.pooling`` / ``kernel_size`` / ``aggregation``."""
+    queries, softmax over the candidates, summed over queries, averaged over heads (``aggregation``
+    ``"all"``: one kept set per sequence; ``"group"``: one per KV head), pooled (``pooling``,
+    ``kernel_size``; the paper's defaults: average, 7). In a single process it runs the fused kernel
+    (``KVCache.compress``: score, select and compact in one call). ``RPCConfig(pooling=...,
+    kernel_size=..., aggregation=...)`` sets these fields for the default policy."""
 
     name: ClassVar[str] = "rpc"
     kernel_families: ClassVar[tuple] = ("score",)
+    pooling: str = "avg"
+    kernel_size: int = 7
+    aggregation: str = "all"
+
+    def __post_init__(self):
+        _check_choice("RPC", "pooling", self.pooling, _POOLINGS)
+        _check_kernel("RPC", self.kernel_size)
+        _check_choice("RPC", "aggregation", self.aggregation, _AGGREGATIONS)
+
+    def uses_fused_kernel(self, tensor_parallel) -> bool:
+        # Over all heads of a tensor-parallel model the scores are reduced across ranks before pooling
+        # and selection, which the fused kernel cannot do: that case takes the policy path.
+        return tensor_parallel is None or self.aggregation == "group"
+
+    def scores(self, ctx):
+        return ctx.rpc_scores(self.aggregation, self.pooling, self.kernel_size)
 
 
 @dataclass(frozen=True)
@@ -239,26 +263,27 @@ def ring_positions(head: int, window: int, length: int) -> list[int]:
     return [length - 1 - ((head - 1 - s) % window) for s in range(window)]
 
 
-def pool_scores(scores, pooling: str, kernel_size: int):
+def pool_scores(scores, pooling: str, kernel_size: int, kernels: str = "native"):
     """RPC's pooling of float32 scores ``[B, A, N]`` along the candidates (stride 1, padding
-    ``kernel_size // 2``; ``avg`` counts the zero padding, ``max`` ignores it and propagates NaN), summed
-    in float64 and rounded once to float32 as the CPU kernels do. Used where scores are pooled after a
-    tensor-parallel reduction; the single-process paths pool inside the kernels."""
+    ``kernel_size // 2``; ``avg`` counts the zero padding, ``max`` ignores it and propagates NaN): the
+    kernels' own definition (``rpc_py._C.pool``, summed in double, rounded once), or the torch kernels'
+    with ``kernels="torch"``. Used where scores are pooled after a tensor-parallel reduction; the
+    single-process paths pool inside the kernels."""
     if kernel_size == 1:
         return scores
     import torch
-    import torch.nn.functional as F
 
-    B, A, N = scores.shape
-    x = scores.reshape(B * A, 1, N).to(dtype=torch.float64)
-    pad = kernel_size // 2
-    if pooling == "avg":
-        y = F.avg_pool1d(x, kernel_size, stride=1, padding=pad, count_include_pad=True)
-    elif pooling == "max":
-        y = F.max_pool1d(x, kernel_size, stride=1, padding=pad)  # pads with -inf: padding never wins
-    else:
-        raise ValueError(f"pooling: expected 'avg' or 'max', got {pooling!r}")
-    return y.reshape(B, A, N).float()
+    if kernels == "torch":
+        from . import torch_kernels as tk
+
+        return tk.pool(scores, pooling, kernel_size)
+    from . import _C
+
+    scores = scores.to(torch.float32).contiguous()
+    out = torch.empty_like(scores)
+    stream = torch.cuda.current_stream(scores.device).cuda_stream if scores.device.type == "cuda" else None
+    _C.pool(scores, pooling, kernel_size, stream=stream, out=out)
+    return out
 
 
 @dataclasses.dataclass
@@ -400,7 +425,7 @@ class ScoreContext:
         mean = self._attn(queries, aggregation="all", pooling="avg", kernel_size=1, **common)
         local, total = ((self.q_heads, self.total_q_heads) if gqa == "mean_probs"
                         else (self.kv_heads, self.total_kv_heads))  # "max_logits" averages KV heads
-        return pool_scores(self.head_mean(mean * local, total), pooling, kernel_size)
+        return pool_scores(self.head_mean(mean * local, total), pooling, kernel_size, self.kernels)
 
     def _rpc(self, queries, aggregation, pooling, kernel_size):
         from . import _C
@@ -430,7 +455,8 @@ class ScoreContext:
         if self.tp is None or aggregation == "group":
             return self._rpc(queries, aggregation, pooling, kernel_size)
         mean = self._rpc(queries, "all", "avg", 1)
-        return pool_scores(self.head_mean(mean * self.q_heads, self.total_q_heads), pooling, kernel_size)
+        return pool_scores(self.head_mean(mean * self.q_heads, self.total_q_heads), pooling, kernel_size,
+                           self.kernels)
 
     def redundancy(self, threshold: float):
         from . import _C

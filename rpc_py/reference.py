@@ -1,4 +1,4 @@
-"""Pure-torch oracle of one RPC compression (docs/rpc-algorithm.md, steps 1-9).
+"""Pure-torch oracle of one RPC compression (docs/algorithm.md, steps 1-9).
 
 Everything here is written for reading, not speed: float64 throughout, one step per line, no code
 shared with the C/CUDA kernels. The tests compare the kernels against these functions.

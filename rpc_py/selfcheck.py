@@ -258,7 +258,6 @@ def _kv_cache(ctx, *, B, H, Hq, W, capacity=0, accumulators=False):
 
 
 def _check_copy(ctx):
-    from . import _C
     from . import torch_kernels as tk
 
     B, H, Hq, W = 2, 3, 6, 4
@@ -390,7 +389,6 @@ def _margin_ok(scores: torch.Tensor, keep: int, margin: float) -> bool:
 
 
 def _check_compress(ctx):
-    from . import _C
 
     B, H, Hq, W, L, start, keep = 2, 2, 6, 5, 200, 11, 60
     k = ctx.randn(B, H, L, ctx.D, salt=400, scale=1.5)
@@ -508,7 +506,6 @@ def _check_fill(ctx):
 
 
 def _check_accumulate(ctx):
-    from . import _C
     from . import torch_kernels as tk
 
     B, H, Hq, W, L, start, keep = 2, 2, 4, 3, 120, 6, 50

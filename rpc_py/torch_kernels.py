@@ -125,6 +125,14 @@ def _int_vector(x, name, length, device, nonneg=False):
     return torch.as_tensor(values, dtype=torch.int64).to(device)
 
 
+def pool(scores, pooling, kernel_size):
+    """RPC's pooling alone (``[..., N]`` float32 scores, stride 1, padding ``kernel_size // 2``): ``avg``
+    counts the zero padding, ``max`` ignores it and propagates NaN. What ``rpc_py._C.pool`` computes."""
+    _choice("pooling", pooling, ("avg", "max"))
+    _check_kernel_size(kernel_size)
+    return _pool(scores.to(torch.float32), pooling, kernel_size)
+
+
 def _pool(raw, pooling, kernel_size):
     """1-D pooling along the last axis, stride 1, padding kernel_size // 2. ``avg`` divides by the full
     kernel size (the zero padding counts), ``max`` never picks the padding and propagates NaN."""

@@ -147,7 +147,72 @@ def test_sweep_integrates_only_what_was_measured(tmp_path):
     # Output 20: full KV reaches L = 12 + 19 = 31 <= 48, integrated.
     for config in ("hf_dynamic", "rpc_off", "rpc"):
         assert rows[(config, 20)]["decode_tok_s"] > 0
-    # Output 60: full KV needs L = 71 > 48 (no extrapolation); RPC's sawtooth peaks at 47.
-    assert rows[("hf_dynamic", 60)]["decode_tok_s"] is None and "outside" in rows[("hf_dynamic", 60)]["reason"]
-    assert rows[("rpc", 60)]["decode_tok_s"] > 0
+    for config in ("hf_dynamic", "rpc_off", "rpc"):
+        assert rows[(config, 20)]["extrapolated"] == [] and rows[(config, 20)]["extrapolated_fraction"] == 0
+    # 12 <= prompt + 1: nothing added
+    assert data["sweep_lengths_added"] == [] and data["sweep_lengths_measured"] == [12, 48]
+    assert {p["origin"] for p in data["measured"]["step_time"]} == {"requested"}
+    # Output 60: full KV needs L = 13..71, of which 49..71 (23 of 59 steps) lie above the largest measured
+    # length: answered, with those steps extrapolated and said so. RPC's sawtooth peaks at 47: all measured.
+    for config in ("hf_dynamic", "rpc_off"):
+        row = rows[(config, 60)]
+        assert row["decode_tok_s"] > 0
+        assert [(e["side"], e["lengths"], e["steps"]) for e in row["extrapolated"]] == [("above", [49, 71], 23)]
+        assert row["extrapolated_fraction"] == pytest.approx(23 / 59)
+        assert "23 of 59 steps extrapolated" in row["step_times"]
+    assert rows[("rpc", 60)]["decode_tok_s"] > 0 and rows[("rpc", 60)]["extrapolated"] == []
     assert rows[("rpc", 60)]["peak_cache_len"] == max(RPC.physical_length(PROMPT, g - 1) + 1 for g in range(1, 60))
+
+
+def test_sweep_above_the_prompt_measures_the_short_end(tmp_path, capsys):
+    """Smallest --sweep-lengths far above the prompt (the schedules start at L = prompt + 1): the sweep
+    measures prompt + 1 as well and every configuration gets an integrated decode_tok_s."""
+    bench = _load_script()
+    out = tmp_path / "sweep_high.json"
+    args = [*TINY, "--sweep", "--sweep-lengths", "40", "56", "--sweep-steps", "2", "--sweep-outputs", "30",
+            "--no-plot", "--json", str(out)]
+    assert bench.main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["sweep_lengths_measured"] == [PROMPT + 1, 40, 56]
+    assert [a["length"] for a in data["sweep_lengths_added"]] == [PROMPT + 1]
+    origins = {(p["cache"], p["length"]): p["origin"] for p in data["measured"]["step_time"]}
+    assert origins == {(c, L): ("added" if L == PROMPT + 1 else "requested")
+                       for c in ("hf_dynamic", "rpc_off") for L in (PROMPT + 1, 40, 56)}
+    assert [r["config"] for r in data["results"]] == ["hf_dynamic", "rpc_off", "rpc"]
+    for row in data["results"]:
+        assert row["decode_tok_s"] > 0, row
+        assert row["extrapolated"] == [] and row["extrapolated_fraction"] == 0  # L = 13..41: all measured
+    stdout = capsys.readouterr().out
+    assert "added" in stdout and "extrapolated_fraction" in stdout
+
+    # Exactly the lengths asked for: the short end is extrapolated (flat), answered and labelled.
+    out = tmp_path / "sweep_exact.json"
+    assert bench.main([*args[:-1], str(out), "--sweep-exact-lengths"]) == 0
+    data = json.loads(out.read_text())
+    assert data["sweep_lengths_added"] == [] and data["sweep_lengths_measured"] == [40, 56]
+    rows = {r["config"]: r for r in data["results"]}
+    for config in ("hf_dynamic", "rpc_off", "rpc"):
+        row = rows[config]
+        assert row["decode_tok_s"] > 0, row
+        below = [e for e in row["extrapolated"] if e["side"] == "below"]
+        assert len(below) == 1 and below[0]["lengths"][0] == PROMPT + 1 and "flat" in below[0]["rule"]
+        assert 0 < row["extrapolated_fraction"] <= 1
+    # full KV: L = 13..41 over 29 steps, 13..39 below 40
+    assert rows["hf_dynamic"]["extrapolated"][0]["steps"] == 27
+    assert rows["hf_dynamic"]["extrapolated_fraction"] == pytest.approx(27 / 29)
+    assert "extrapolated below the measured lengths" in capsys.readouterr().out
+
+
+def test_integrate_rules():
+    bench = _load_script()
+    curve = [(10, 1.0), (20, 2.0), (30, 4.0)]
+    total, extrapolated = bench.integrate(curve, [10, 15, 30], extra_ms=0.5)
+    assert total == pytest.approx(0.5 + 1.0 + 1.5 + 4.0) and extrapolated == []
+    # below: flat at 1.0; above: the last segment's slope (0.2 per token), from 4.0
+    total, extrapolated = bench.integrate(curve, [5, 8, 35])
+    assert total == pytest.approx(1.0 + 1.0 + 5.0)
+    assert [(e["side"], e["lengths"], e["steps"]) for e in extrapolated] == [("above", [35, 35], 1),
+                                                                             ("below", [5, 8], 2)]
+    # a falling last segment (noise) extrapolates flat, never below the largest length's step time
+    assert bench.integrate([(10, 3.0), (20, 2.0)], [40])[0] == pytest.approx(2.0)
+    assert bench.integrate(curve, [5], extrapolate=False) == (None, 5)

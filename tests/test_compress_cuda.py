@@ -1,4 +1,4 @@
-"""CUDA kernels of one RPC compression (csrc/compress_cuda.cu) against the float64 torch oracle.
+"""CUDA kernels of one RPC compression (csrc/kernels/score_cuda.cu, select_cuda.cu, compact_cuda.cu) against the float64 torch oracle.
 
 The whole module is skipped unless the CUDA backend is built and a device is usable. Inputs are
 random with awkward sizes (odd lengths, head dims that are not multiples of 16, several row groups

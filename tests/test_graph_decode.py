@@ -13,7 +13,8 @@ import torch
 import rpc_py
 from rpc_py.config import RPCConfig
 from rpc_py.hf import generate as eager_generate
-from rpc_py.hf.graph import GraphFallbackWarning, graph_generate, static_decode
+from rpc_py.hf.generate import graph_generate
+from rpc_py.hf.graph import GraphFallbackWarning, static_decode
 
 from hf_testing import make_model, prompts
 
@@ -44,6 +45,21 @@ def test_static_compresses_like_eager():
     got = static_decode(model, ids, mask, rpc=RPC, max_new_tokens=45)
     assert rpc_py.hf.last_cache() is not None
     assert torch.equal(got, want)
+
+
+def test_last_cache_reports_the_static_decode_call():
+    """rpc_py.last_cache() after a static (CUDA-graph) decode is that call's cache, not the one of the
+    eager call before it."""
+    model = make_model("qwen2", layers=2)
+    ids, mask, _ = prompts(2, [5, 7], seed=3)
+    eager(model, ids, mask, RPCConfig(interval=16, window=4, ratio=4), 10)
+    before = rpc_py.last_cache()
+    static_decode(model, ids, mask, rpc=RPC, max_new_tokens=33)
+    cache = rpc_py.last_cache()
+    assert cache is not None and cache is not before
+    assert cache.rpc == RPC and cache.closed  # released by the call, statistics kept
+    stats = cache.stats()
+    assert stats.generated == 32 and stats.compressions == [RPC.compressions_after(32)] * 2
 
 
 @pytest.mark.parametrize("top_k,top_p,temperature", [(0, 1.0, 1.0), (20, 0.9, 0.7)])

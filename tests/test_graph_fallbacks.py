@@ -11,7 +11,8 @@ import transformers
 
 from rpc_py.config import RPCConfig
 from rpc_py.hf import generate as eager_generate
-from rpc_py.hf.graph import GraphFallbackWarning, capture_blockers, graph_generate
+from rpc_py.hf.generate import graph_generate
+from rpc_py.hf.graph import GraphFallbackWarning, capture_blockers
 
 from hf_testing import prompts
 

@@ -6,7 +6,7 @@ from rpc_py.config import RPCConfig
 
 
 def simulate(rpc: RPCConfig, prompt: int, steps: int):
-    """Literal transcription of the schedule in docs/rpc-algorithm.md: append one token per step,
+    """Literal transcription of the schedule in docs/algorithm.md: append one token per step,
     compress when m == P + R. Returns the length after every step and the peak length."""
     length, kept, n, out, peak = prompt, 0, 0, [], prompt
     for _ in range(steps):

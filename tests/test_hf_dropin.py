@@ -35,7 +35,7 @@ import rpc_py.hf.attention as rpc_attention
 from hf_testing import VOCAB, greedy, make_model, one_torch_thread, prompts  # noqa: F401 (fixture)
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, check_model_supported, compress, generate, last_cache
-from rpc_py.hf.generate import _cache_kwarg
+from rpc_py.hf.registry import cache_kwarg as _cache_kwarg
 
 RPC = RPCConfig(interval=16, window=4, ratio=4)
 FIRST = RPC.interval + RPC.window
@@ -362,6 +362,34 @@ def test_compress_context_applies_to_its_thread_only():
     (got_rpc, got_side), got_plain = run_threads([in_context, other_thread])
     assert torch.equal(got_rpc, want_rpc) and torch.equal(got_side, want_rpc)
     assert torch.equal(got_plain, want_plain)
+
+
+def test_streaming_recipe_in_another_thread_warns_that_it_runs_uncompressed():
+    """Thread(target=model.generate, ...) inside a compress block runs plain generate: never silently."""
+    from rpc_py.hf import UncompressedThreadWarning
+
+    model = make_model("qwen2")
+    ids, mask, _ = prompts(1, [6], seed=2)
+    want_plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, **greedy())
+    want_rpc = generate(model, ids, attention_mask=mask, rpc=RPC, max_new_tokens=NEW, **greedy())
+    caught = []
+
+    def background(target):
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            out = target(ids, attention_mask=mask, max_new_tokens=NEW, **greedy())
+        caught.append([w.category for w in got])
+        return out
+
+    with compress(model, RPC) as handle:
+        plain = run_threads([lambda: background(model.generate)])[0]
+        compressed = run_threads([lambda: background(handle.generate)])[0]
+    assert torch.equal(plain, want_plain) and torch.equal(compressed, want_rpc)
+    assert UncompressedThreadWarning in caught[0]
+    assert UncompressedThreadWarning not in caught[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UncompressedThreadWarning)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, **greedy())  # no block open: no warning
 
 
 def test_compress_contexts_nest_innermost_wins():

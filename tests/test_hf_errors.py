@@ -7,7 +7,7 @@ import transformers
 from hf_testing import make_model, prompts
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, check_model_supported, compress, generate
-from rpc_py.hf.generate import _cache_kwarg
+from rpc_py.hf.registry import cache_kwarg as _cache_kwarg
 
 RPC = RPCConfig(interval=16, window=4, ratio=4)
 

@@ -12,7 +12,7 @@ import rpc_py.hf.attention as rpc_attention
 from hf_testing import ARCHS, greedy, make_model, one_torch_thread, prompts  # noqa: F401 (fixture)
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, compress, generate, last_cache
-from rpc_py.hf.generate import _cache_kwarg
+from rpc_py.hf.registry import cache_kwarg as _cache_kwarg
 from rpc_py.reference import compress_reference
 
 RPC = RPCConfig(interval=16, window=4, ratio=4)

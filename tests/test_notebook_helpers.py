@@ -16,7 +16,7 @@ import torch
 from hf_testing import greedy, make_model, one_torch_thread, prompts  # noqa: F401 (fixture)
 from rpc_py.config import RPCConfig
 from rpc_py.hf import RPCCache, RPCStats, compress, generate, last_cache
-from rpc_py.hf.generate import _cache_kwarg
+from rpc_py.hf.registry import cache_kwarg as _cache_kwarg
 from rpc_py.notebook import (GenerationMonitor, LengthHistory, cache_html, history_of, plot_cache_lengths,
                              stats_html)
 

@@ -1,4 +1,4 @@
-"""Selection-policy kernels (csrc/policy_*.c/.cu) against the float64 oracle rpc_py.policy_reference.
+"""Selection-policy kernels (csrc/kernels/policy_*.c/.cu) against the float64 oracle rpc_py.policy_reference.
 
 Every kernel is compared with the oracle and, on the CPU, with its plain C reference (`_*_scalar`,
 `reference=True`) on fresh random inputs of awkward sizes: lengths 137 and 1000+, GQA 1/4/7, head dims
@@ -810,3 +810,63 @@ def test_cuda_positions_given_as_device_tensors():
     out, _ = attn(q, k, 10, L - R, device="cuda", query_positions=bad, padding=torch.tensor([0, -5, 10**9], device="cuda"),
                   **kw)
     assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ one ISA dispatcher, one pooling
+
+
+def _isas():
+    best = _C._cpu_isa()
+    order = ["generic", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_policy_kernels_follow_the_shared_isa_cap(isa):
+    """rpc_cpu_set_isa (the one dispatcher, kernels/cpu_isa.c) caps the policy kernels too, so each of
+    their paths is checked against the oracle on this machine."""
+    best = _C._cpu_isa()
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 6, 5, 32, generator=g)
+    k = torch.randn(2, 3, 137, 32, generator=g)
+    try:
+        assert _C._cpu_isa(isa) == isa
+        got = torch.as_tensor(_C.attn_scores(q, k, 7, 130, query_positions=list(range(132, 137)), norm="causal",
+                                             aggregation="group", pooling="avg", kernel_size=5))
+        red = torch.as_tensor(_C.redundancy(k, threshold=0.3))
+    finally:
+        _C._cpu_isa(best)
+    want = P.window_attention_reference(q, k, 7, 130, query_positions=list(range(132, 137)), norm="causal",
+                                          aggregation="group", pooling="avg", kernel_size=5)[0]
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(red.double(), P.redundancy_reference(k, threshold=0.3), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+def test_pool_alone_is_rpc_pooling(pooling, kernel_size):
+    """_C.pool (used after a tensor-parallel reduction) equals the oracle's pooling of the same scores
+    and the kernels' own pooled output from their raw scores."""
+    from rpc_py.reference import _pool
+
+    g = torch.Generator().manual_seed(kernel_size)
+    raw = torch.rand(3, 2, 41, generator=g)
+    raw[0, 1, 7] = float("nan")
+    got = torch.as_tensor(_C.pool(raw, pooling, kernel_size))
+    want = _pool(raw.double(), pooling, kernel_size).float()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    ok = ~torch.isnan(want)
+    assert torch.equal(got[ok], want[ok])
+    out = torch.empty_like(raw)
+    assert _C.pool(raw, pooling, kernel_size, out=out) is out and torch.equal(out[ok], got[ok])
+    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 60, 16, generator=g)
+    pooled, unpooled = _C.attn_scores(q, k, 5, 55, pooling=pooling, kernel_size=kernel_size, raw=True)
+    # the kernels pool their double-precision rows, the raw output is those rows rounded: within an ulp or two
+    torch.testing.assert_close(torch.as_tensor(_C.pool(torch.as_tensor(unpooled), pooling, kernel_size)),
+                               torch.as_tensor(pooled), rtol=4e-7, atol=0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        _C.pool(raw, pooling, 4)
+    with pytest.raises(ValueError, match="pooling"):
+        _C.pool(raw, "median", 3)
+    with pytest.raises(ValueError, match="must not be the scores"):
+        _C.pool(raw, pooling, 3, out=raw)

@@ -1,5 +1,5 @@
 """The float64 oracle (rpc_py.reference) against a naive loop implementation written independently
-from docs/rpc-algorithm.md (plain Python floats, no torch ops), on tiny sizes."""
+from docs/algorithm.md (plain Python floats, no torch ops), on tiny sizes."""
 
 import math
 import random

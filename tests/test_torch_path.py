@@ -17,7 +17,8 @@ pytest.importorskip("transformers")
 
 import rpc_py  # noqa: E402
 from rpc_py import RPCConfig, kernel_choice as kernels_mod  # noqa: E402
-from rpc_py.hf.graph import GraphFallbackWarning, graph_generate, static_decode  # noqa: E402
+from rpc_py.hf.generate import graph_generate  # noqa: E402
+from rpc_py.hf.graph import GraphFallbackWarning, static_decode  # noqa: E402
 from rpc_py.hf.layer_ops import NativeOps, TorchOps  # noqa: E402
 
 from hf_testing import make_model, prompts  # noqa: E402

@@ -3,8 +3,16 @@
 
 from .attention import RPC_EAGER, RPC_SDPA, register_attention
 from .cache import CompressionEvent, RPCCache, RPCCacheLayer, RPCStats
-from .generate import RPCHandle, check_model_supported, compress, generate, last_cache
-from .graph import GraphFallbackWarning, graph_generate, static_decode
+from .generate import (
+    RPCHandle,
+    UncompressedThreadWarning,
+    check_model_supported,
+    compress,
+    generate,
+    graph_generate,
+    last_cache,
+)
+from .graph import GraphFallbackWarning, static_decode
 
 __all__ = [
     "RPCCache",
@@ -19,6 +27,7 @@ __all__ = [
     "graph_generate",
     "static_decode",
     "GraphFallbackWarning",
+    "UncompressedThreadWarning",
     "register_attention",
     "RPC_SDPA",
     "RPC_EAGER",

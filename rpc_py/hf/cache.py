@@ -41,9 +41,10 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .._html import cache_html, stats_html
 from .._report import format_bytes as _fmt_bytes
 from ..config import RPCConfig
-from ..policies import RPC, ScoreContext, ring_positions
+from ..policies import ScoreContext, ring_positions
 from .layer_ops import NativeOps, ops_for
 from .layout import SlotPositions, physical_mask
 from .parallel import TensorParallel, find_tensor_parallel
@@ -231,9 +232,7 @@ class RPCStats:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        """A compact table in Jupyter (``rpc_py.notebook.stats_html``)."""
-        from ..notebook import stats_html
-
+        """A compact table in Jupyter (``rpc_py._html.stats_html``)."""
         return stats_html(self)
 
 
@@ -362,11 +361,10 @@ class RPCCacheLayer(CacheLayerMixin):
             self.generated += 1
 
         if self.decoding and rpc.enabled:
-            m = self.length - self.prompt_length - self.kept
-            limit = rpc.interval + rpc.window
-            if m > limit:  # cannot happen unless the state was corrupted; never compress silently late
-                raise RuntimeError(f"RPCCache layer {self.layer_idx}: missed a compression (m={m} > P+R={limit})")
-            self.compress_due = m == limit
+            held = self.length - self.prompt_length - self.kept
+            if held > rpc.interval + rpc.window:  # cannot happen unless the state was corrupted: never compress late
+                raise RuntimeError(f"RPCCache layer {self.layer_idx}: missed a compression ({held} tokens held > P+R)")
+            self.compress_due = rpc.compress_due(held)
         views = self._views()
         if hook_needed:
             self.awaiting_attention = True
@@ -408,13 +406,12 @@ class RPCCacheLayer(CacheLayerMixin):
         rpc = self.cache.rpc
         if not (self.decoding and rpc.enabled):
             return
-        kv = self.cache.kvcache
         stream = _stream_of(query)
-        m = self.length - self.prompt_length - self.kept
+        held = self.length - self.prompt_length - self.kept
         if rpc.policy.uses_accumulators and query.shape[-2] == 1:
             self.ops.accumulate(self, query, stream)  # H2O: attention received, every step
         # Only the last R queries before a compression are ever scored; skip the others.
-        if query.shape[-2] == 1 and m > rpc.interval and rpc.policy.uses_queries:
+        if query.shape[-2] == 1 and rpc.records_query(held) and rpc.policy.uses_queries:
             self.ops.record_query(self, query, stream)
         if self.compress_due:
             self._compress(stream)
@@ -449,11 +446,11 @@ class RPCCacheLayer(CacheLayerMixin):
                 queries = torch.from_dlpack(kv.queries(i)).clone()
                 positions = ring_positions(kv.ring_position(i), rpc.window, self.length)
         timer = cache._timer_start(self.device)
-        if isinstance(rpc.policy, RPC) and (cache.tensor_parallel is None or rpc.aggregation == "group"):
+        if rpc.policy.uses_fused_kernel(cache.tensor_parallel):
             # The fused kernel writes the kept indices into a tensor of ours (torch's allocator: no
             # device allocation or sync once warm) and keeps its scores in the cache's reused scratch
             # unless a hook wants them.
-            rows = 1 if rpc.aggregation == "all" else self._k_store.shape[1]
+            rows = rpc.policy.rows(self._k_store.shape[1])
             batch = cache.batch_size_
             indices = torch.empty(batch, rows, keep, dtype=torch.int64, device=self.device)
             scores = None
@@ -461,11 +458,11 @@ class RPCCacheLayer(CacheLayerMixin):
                 n = self.length - rpc.window - start
                 scores = torch.empty(batch, rows, n, dtype=torch.float32, device=self.device)
             # the kept indices update the slot positions
-            new_length = self.ops.compress_rpc(self, start, keep, rpc, indices, scores, stream)
-        else:  # other policies, and RPC over all heads of a tensor-parallel model (scores reduced over ranks)
+            new_length = self.ops.compress_rpc(self, start, keep, rpc.policy, indices, scores, stream)
+        else:  # scores from the policy, then the shared select and compact kernels
             new_length, scores, indices = self._compress_policy(rpc.policy, start, keep, stream)
         cache._timer_stop(timer)
-        expected = start + keep + rpc.window
+        expected = rpc.length_after(start, self.compressions + 1)
         if new_length != expected:
             raise RuntimeError(
                 f"RPCCache layer {i}: KVCache.compress returned length {new_length}, expected {expected}"
@@ -516,11 +513,7 @@ class RPCCacheLayer(CacheLayerMixin):
             tp=cache.tensor_parallel,
             kernels=self.ops.name,
         )
-        if isinstance(policy, RPC):
-            scores = ctx.rpc_scores(cache.rpc.aggregation, cache.rpc.pooling, cache.rpc.kernel_size)
-        else:
-            scores = policy.scores(ctx)
-        scores = scores.to(torch.float32).contiguous()
+        scores = policy.scores(ctx).to(torch.float32).contiguous()
         new_length, indices = self.ops.select_compact(self, scores, keep, start, stream)
         return new_length, scores, indices
 
@@ -617,10 +610,7 @@ class RPCCache(Cache):
         if not hasattr(config, "get_text_config"):
             raise TypeError(f"RPCCache: config: expected a transformers model or config, got {type(config).__name__}")
         text = config.get_text_config(decoder=True)
-        if rpc is None:
-            rpc = RPCConfig(enabled=False)
-        if not isinstance(rpc, RPCConfig):
-            raise TypeError(f"RPCCache: rpc: expected an RPCConfig or None, got {type(rpc).__name__}")
+        rpc = RPCConfig.resolve(rpc)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"RPCCache: capacity: expected an int >= 0, got {capacity!r}")
         if max_capacity is not None and (
@@ -728,7 +718,7 @@ class RPCCache(Cache):
         families = ["copy"]
         rpc = self.rpc
         if rpc.enabled:
-            if isinstance(rpc.policy, RPC) and (self.tensor_parallel is None or rpc.aggregation == "group"):
+            if rpc.policy.uses_fused_kernel(self.tensor_parallel):
                 families.append("compress")  # the fused kernel
             else:
                 families += ["select", "compact", *rpc.policy.kernel_families]
@@ -868,9 +858,7 @@ class RPCCache(Cache):
         return self.stats().summary()
 
     def _repr_html_(self) -> str:
-        """A compact table in Jupyter (``rpc_py.notebook.cache_html``)."""
-        from ..notebook import cache_html
-
+        """A compact table in Jupyter (``rpc_py._html.cache_html``)."""
         return cache_html(self)
 
     def release(self) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 import weakref
 
@@ -38,103 +37,10 @@ from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache, clear_pending
 from .options import bind_generate_arguments, generate_parameters, resolve_call
 from .parallel import collective_failure
+from .registry import LATEST, LatestCache, cache_kwarg, check_model_supported, last_cache
 
-__all__ = ["generate", "compress", "RPCHandle", "last_cache", "check_model_supported"]
-
-
-class _LatestCache:
-    """The latest cache of a series of calls. Held weakly while somebody else may own it (the call
-    that is running, or the output it was returned in), strongly once rpc_py released it (then only
-    its statistics remain, so keeping it costs nothing)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._get = lambda: None
-
-    def started(self, cache: RPCCache) -> None:
-        with self._lock:
-            self._get = weakref.ref(cache)
-
-    def released(self, cache: RPCCache) -> None:
-        with self._lock:
-            if self._get() is cache:
-                self._get = lambda: cache
-
-    def get(self) -> RPCCache | None:
-        return self._get()
-
-
-_LAST = _LatestCache()
-
-
-def last_cache() -> RPCCache | None:
-    """The RPCCache of the most recent ``rpc_py.generate`` (or ``compress``-d generate) call in any
-    thread (set when the call starts, so a streamer can watch it), for its statistics (``.stats()``,
-    ``.summary()``). A cache that ``generate`` returned is not kept alive by this: once the output
-    holding it is gone, this returns None."""
-    return _LAST.get()
-
-
-def check_model_supported(model) -> None:
-    """Raise a clear error if ``model`` is not a decoder-only model with full attention in every
-    layer and a standard per-layer KV cache (what RPC compresses)."""
-    config = getattr(model, "config", None)
-    if config is None or not callable(getattr(model, "generate", None)):
-        raise TypeError(f"rpc_py: model: expected a transformers generative model, got {type(model).__name__}")
-    name = type(model).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"rpc_py: {name} is an encoder-decoder model; RPC supports decoder-only models")
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    supports_cache = getattr(model, "_supports_default_dynamic_cache", None)
-    if callable(supports_cache) and not supports_cache():
-        raise NotImplementedError(
-            f"rpc_py: {name} does not use a standard KV cache (recurrent / state-space / custom cache)"
-        )
-    # A sliding window at least as long as the longest position the model takes (Phi-3.5 style
-    # configs) never hides a token: that attention is full.
-    window = getattr(text, "sliding_window", None)
-    max_positions = getattr(text, "max_position_embeddings", None)
-    window_is_full = isinstance(window, int) and isinstance(max_positions, int) and window >= max_positions
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types:
-        other = sorted({t for t in layer_types
-                        if t != "full_attention" and not (t == "sliding_attention" and window_is_full)})
-        if other:
-            raise NotImplementedError(
-                f"rpc_py: {name} has layers of type {other}; RPC supports full-attention layers only "
-                "(sliding-window, chunked, linear-attention and hybrid layers are not supported)"
-            )
-    else:
-        if window is not None and getattr(text, "use_sliding_window", True) and not window_is_full:
-            raise NotImplementedError(
-                f"rpc_py: {name} uses sliding-window attention (config.sliding_window={window} < "
-                f"max_position_embeddings={max_positions}); RPC supports full attention only (set sliding_window=None)"
-            )
-        if getattr(text, "attention_chunk_size", None) is not None:
-            raise NotImplementedError(f"rpc_py: {name} uses chunked attention; RPC supports full attention only")
-    for attr in ("kv_lora_rank", "num_kv_shared_layers", "kv_sharing_modes"):
-        if getattr(text, attr, None):
-            raise NotImplementedError(
-                f"rpc_py: {name} has config.{attr}; latent-attention and shared-KV layers are not supported"
-            )
-    for attr in ("num_hidden_layers", "num_attention_heads"):
-        if not isinstance(getattr(text, attr, None), int):
-            raise NotImplementedError(f"rpc_py: {name}: the decoder config has no integer {attr}")
-    can_set = getattr(model, "_can_set_attn_implementation", None)
-    if callable(can_set) and not can_set():
-        raise NotImplementedError(
-            f"rpc_py: {name} does not dispatch attention through transformers.AttentionInterface"
-        )
-    rpc_implementation_for(getattr(config, "_attn_implementation", None))  # raises for flash/flex
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use what the model takes."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+__all__ = ["generate", "compress", "graph_generate", "RPCHandle", "last_cache", "check_model_supported",
+           "UncompressedThreadWarning"]
 
 
 _ROUTING_LOCK = threading.RLock()
@@ -202,12 +108,28 @@ def _plain_generate(model):
     return original if original is not None else model.generate
 
 
+class UncompressedThreadWarning(UserWarning):
+    """``model.generate`` ran without RPC in a thread other than the one that opened the ``compress``
+    block (the usual streaming recipe): use the block's handle as the thread's target instead."""
+
+
 def _shadow(routing: _Routing, original):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         with _ROUTING_LOCK:
             handle = routing.handle_for_this_thread()
+            elsewhere = routing.open_blocks > 0
         if handle is None:
+            if elsewhere:
+                import warnings
+
+                warnings.warn(
+                    "rpc_py.compress: model.generate was called from a thread that did not open the compress "
+                    "block, so it runs WITHOUT RPC (a block applies to the thread that opened it). For a "
+                    "streamer in a background thread, give the thread the block's handle: `with "
+                    "rpc_py.compress(model, rpc) as handle: Thread(target=handle.generate, kwargs=...)`, or "
+                    "call rpc_py.generate(..., streamer=...) in that thread.",
+                    UncompressedThreadWarning, stacklevel=2)
             return original(*args, **kwargs)
         return handle.generate(*args, **kwargs)
 
@@ -261,12 +183,10 @@ class RPCHandle:
     """
 
     def __init__(self, model, rpc: RPCConfig | None):
-        if rpc is not None and not isinstance(rpc, RPCConfig):
-            raise TypeError(f"rpc_py: rpc: expected an RPCConfig or None, got {type(rpc).__name__}")
         self.model = model
-        self.rpc = rpc if rpc is not None else RPCConfig(enabled=False)
-        self._last = _LatestCache()
-        self._cache_kwarg = _cache_kwarg(model)
+        self.rpc = RPCConfig.resolve(rpc)
+        self._last = LatestCache()
+        self._cache_kwarg = cache_kwarg(model)
         self._thread = None
         self.active = False
 
@@ -310,7 +230,7 @@ class RPCHandle:
             cache.max_capacity = max(cache.max_capacity, cache.rpc.peak_length(prefix, call.max_new_tokens))
         kwargs[self._cache_kwarg] = cache
         self._last.started(cache)
-        _LAST.started(cache)
+        LATEST.started(cache)
         with _rpc_attention(model):
             try:
                 out = _plain_generate(model)(*args, **kwargs)
@@ -330,7 +250,7 @@ class RPCHandle:
     def _release(self, cache: RPCCache) -> None:
         cache.release()
         self._last.released(cache)
-        _LAST.released(cache)
+        LATEST.released(cache)
 
 
 @contextlib.contextmanager
@@ -342,9 +262,10 @@ def compress(model, rpc: RPCConfig | None = RPCConfig()):
         print(handle.last_cache.summary())
 
     Inside the block, ``model.generate`` compresses when called from the thread that opened it (the
-    innermost block of that thread wins; blocks nest); other threads get plain ``generate``.
-    ``handle.generate`` compresses from any thread (``Thread(target=handle.generate, ...)`` for a
-    streamer). The model's attention implementation and ``generate`` are restored when the last
+    innermost block of that thread wins; blocks nest); other threads get plain ``generate``, with an
+    ``UncompressedThreadWarning`` (the usual streaming recipe, ``Thread(target=model.generate, ...)``,
+    would otherwise run uncompressed without a word). ``handle.generate`` compresses from any thread
+    (``Thread(target=handle.generate, ...)`` for a streamer). The model's attention implementation and ``generate`` are restored when the last
     block or call on the model ends, also on errors. ``rpc=None`` uses the same path without
     compression.
     """
@@ -401,10 +322,35 @@ def generate(model, *args, rpc: RPCConfig | None = RPCConfig(), cuda_graph: bool
         handle.active = False
 
 
+def graph_generate(model, input_ids, attention_mask=None, rpc: RPCConfig | None = RPCConfig(), *,
+                   cuda_graph: bool = True, max_new_tokens: int, **generation_kwargs) -> torch.Tensor:
+    """``rpc_py.generate`` with CUDA-graph decoding; returns the token ids ``[B, prompt + new]``.
+
+    Falls back to the eager ``generate`` with a ``GraphFallbackWarning`` where capture is impossible
+    (``rpc_py.hf.graph.capture_unavailable`` says why: a model whose step syncs with the host, a CPU
+    model, a CUDA build or device missing, the pure-torch kernels, generation options the static loop
+    does not reproduce, a tensor-parallel model, whose ranks then run the eager path).
+    """
+    import warnings
+
+    from .graph import GraphFallbackWarning, capture_unavailable, static_decode
+
+    reason = "cuda_graph=False" if not cuda_graph else capture_unavailable(model, input_ids, generation_kwargs)
+    if reason is not None:
+        if cuda_graph:
+            warnings.warn(f"rpc_py: CUDA-graph decoding unavailable ({reason}); running the eager path",
+                          GraphFallbackWarning, stacklevel=2)
+        out = generate(model, input_ids=input_ids, attention_mask=attention_mask, rpc=rpc,
+                       max_new_tokens=max_new_tokens, **generation_kwargs)
+        return out if isinstance(out, torch.Tensor) else out.sequences
+    return static_decode(model, input_ids, attention_mask, rpc=rpc, max_new_tokens=max_new_tokens, capture=True,
+                         **generation_kwargs)
+
+
 def _graph_generate(model, args, kwargs, rpc):
     import warnings
 
-    from .graph import GraphFallbackWarning, graph_generate
+    from .graph import GraphFallbackWarning
 
     named = bind_generate_arguments(model, args, kwargs)
     _, params = generate_parameters(model)

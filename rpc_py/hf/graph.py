@@ -24,8 +24,9 @@ every ``sync_every`` steps, the only host sync). ``KVCache.advance`` then brings
 counters up to what the kernels did.
 
 ``static_decode(..., capture=False)`` runs exactly the same step without a graph; that is how the
-CPU tests check the static path against the eager one. ``graph_generate`` is the user entry point:
-it captures on CUDA and falls back to ``rpc_py.generate`` with a warning where capture is impossible.
+CPU tests check the static path against the eager one. The user entry point is
+``rpc_py.hf.generate.graph_generate`` (``rpc_py.generate(..., cuda_graph=True)``): it captures on CUDA
+and falls back to the eager loop with a warning where ``capture_unavailable`` gives a reason.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from ..kernel_choice import kernels
 from ..selfcheck import ensure
 from .attention import register_attention, rpc_implementation_for
 from .cache import RPCCache
-from .generate import _LAST, _cache_kwarg, check_model_supported
+from .registry import LATEST, cache_kwarg, check_model_supported
 from .parallel import find_tensor_parallel
 
-__all__ = ["RPC_DECODE", "static_decode", "graph_generate", "GraphFallbackWarning", "capture_blockers"]
+__all__ = ["RPC_DECODE", "static_decode", "capture_unavailable", "GraphFallbackWarning", "capture_blockers"]
 
 RPC_DECODE = "rpc_decode"
 
@@ -339,17 +340,13 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         raise ValueError("static decoding runs rpc_py's own decode kernels, but the pure-torch kernels are selected "
                          "(rpc_py.set_kernels / RPC_PY_KERNELS); use rpc_py.generate")
     if capture:
-        blockers = capture_blockers(model)
-        tp = find_tensor_parallel(model)
-        if tp is not None:
-            blockers.append(_TP_REASON.format(size=tp.size))
-        if blockers:
-            warnings.warn("rpc_py: the decode step cannot be captured in a CUDA graph ("
-                          + "; ".join(blockers) + "); running the same step without a graph",
-                          GraphFallbackWarning, stacklevel=2)
+        why = capture_unavailable(model, input_ids, generation_kwargs)
+        if why is not None:
+            warnings.warn(f"rpc_py: the decode step cannot be captured in a CUDA graph ({why}); running the same "
+                          "step without a graph", GraphFallbackWarning, stacklevel=2)
             capture = False
     settings = _generation_settings(model, dict(generation_kwargs))
-    rpc = rpc if rpc is not None else RPCConfig(enabled=False)
+    rpc = RPCConfig.resolve(rpc)
     B, Lp = input_ids.shape
     if device.type == "cuda":  # the decode kernels' first use on this device: checked against the CPU ones
         text = model.config.get_text_config(decoder=True)
@@ -360,7 +357,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     padding = (attention_mask.cumsum(-1) == 0).sum(-1)
     capacity = rpc.peak_length(Lp, max_new_tokens) if rpc.enabled else Lp + max_new_tokens
     cache = RPCCache(model, rpc, capacity=capacity, padding=padding.cpu())
-    _LAST.cache = cache  # rpc_py.last_cache() reports this call, as after rpc_py.generate
+    LATEST.started(cache)  # rpc_py.last_cache() reports this call, as after rpc_py.generate
     eos = settings["eos_token_id"]
     eos = torch.as_tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=device)
     pad_id = settings["pad_token_id"]
@@ -378,7 +375,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         model.set_attn_implementation(prefill_impl)
         position_ids = attention_mask.long().cumsum(-1) - 1
         position_ids.masked_fill_(attention_mask == 0, 1)
-        cache_kw = _cache_kwarg(model)  # transformers renamed past_key_values to cache
+        cache_kw = cache_kwarg(model)  # transformers renamed past_key_values to cache
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, **{cache_kw: cache})
         logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
@@ -465,7 +462,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             static.seen += 1
             phys += 1
             pending += 1
-            if rpc.enabled and phys - layer0.prompt_length - layer0.kept == rpc.interval + rpc.window:
+            if rpc.compress_due(phys - layer0.prompt_length - layer0.kept):
                 sync_host(True)
                 for layer in cache.layers:
                     layer.compress_now(_stream_of(logits_buf))
@@ -485,6 +482,7 @@ def static_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         _ACTIVE.cache = None
         model.set_attn_implementation(previous_impl)
         cache.release()
+        LATEST.released(cache)  # its statistics stay reachable through rpc_py.last_cache()
         del graph
 
 
@@ -492,54 +490,35 @@ _TP_REASON = ("the model is tensor parallel (tp_size={size}): capturing its step
               "has not been validated")
 
 
-def graph_generate(model, input_ids, attention_mask=None, rpc: RPCConfig | None = RPCConfig(), *,
-                   cuda_graph: bool = True, max_new_tokens: int, **generation_kwargs) -> torch.Tensor:
-    """``rpc_py.generate`` with CUDA-graph decoding; returns the token ids ``[B, prompt + new]``.
+def capture_unavailable(model, input_ids, generation_kwargs: dict) -> str | None:
+    """Why one decode step of this call cannot run as a captured CUDA graph, or None when it can: the
+    one place that decides it (``graph_generate`` falls back to the eager loop on a reason,
+    ``static_decode(capture=True)`` runs its step without a graph).
 
-    Falls back to ``rpc_py.generate`` (eager) with a ``GraphFallbackWarning`` where capture is
-    impossible: a model whose step syncs with the host (``capture_blockers``: dynamic/longrope RoPE,
-    mixture-of-experts routing), a CPU model, a CUDA build or device missing, or generation options
-    the static loop does not reproduce, or a tensor-parallel model (``tp_plan``; each rank then runs the
-    eager path, whose compressions agree over the ranks).
-    """
-    from .generate import generate as eager_generate
-
-    reason = None
-    blockers = capture_blockers(model) if cuda_graph else []
-    if cuda_graph:
-        tp = find_tensor_parallel(model)
-        if tp is not None:
-            blockers.append(_TP_REASON.format(size=tp.size))
-    if not cuda_graph:
-        reason = "cuda_graph=False"
-    elif blockers:
-        reason = "; ".join(blockers)
-    elif input_ids.device.type != "cuda":
-        reason = f"the model runs on {input_ids.device} (CUDA graphs need a CUDA device)"
-    elif not _C.cuda_built():
-        reason = "rpc_py was built without CUDA"
-    elif kernels() != "native":
-        reason = "the pure-torch kernels are selected (rpc_py.set_kernels / RPC_PY_KERNELS)"
-    else:
-        reason = _unsupported_generation(model, generation_kwargs)
-        if reason is not None:
-            reason = f"generation option {reason} is not supported by the static decode loop"
-    if reason is None:
-        try:
-            check_model_supported(model)
-        except (NotImplementedError, TypeError, ValueError) as e:
-            reason = str(e)
-    if reason is None:
-        text = model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if head_dim not in (64, 128, 256):
-            reason = f"head_dim {head_dim} (the CUDA decode kernel supports 64, 128, 256)"
-    if reason is not None:
-        if cuda_graph:
-            warnings.warn(f"rpc_py: CUDA-graph decoding unavailable ({reason}); running the eager path",
-                          GraphFallbackWarning, stacklevel=2)
-        out = eager_generate(model, input_ids=input_ids, attention_mask=attention_mask, rpc=rpc,
-                             max_new_tokens=max_new_tokens, **generation_kwargs)
-        return out if isinstance(out, torch.Tensor) else out.sequences
-    return static_decode(model, input_ids, attention_mask, rpc=rpc, max_new_tokens=max_new_tokens,
-                         capture=True, **generation_kwargs)
+    Reasons: host syncs in the model's step (``capture_blockers``), a tensor-parallel model, a model
+    off CUDA, no CUDA build, the pure-torch kernels selected, generation options the static loop does
+    not reproduce, a model rpc_py does not serve, a head size the decode kernel lacks."""
+    blockers = capture_blockers(model)
+    tp = find_tensor_parallel(model)
+    if tp is not None:
+        blockers.append(_TP_REASON.format(size=tp.size))
+    if blockers:
+        return "; ".join(blockers)
+    if input_ids.device.type != "cuda":
+        return f"the model runs on {input_ids.device} (CUDA graphs need a CUDA device)"
+    if not _C.cuda_built():
+        return "rpc_py was built without CUDA"
+    if kernels() != "native":
+        return "the pure-torch kernels are selected (rpc_py.set_kernels / RPC_PY_KERNELS)"
+    why = _unsupported_generation(model, generation_kwargs)
+    if why is not None:
+        return f"generation option {why} is not supported by the static decode loop"
+    try:
+        check_model_supported(model)
+    except (NotImplementedError, TypeError, ValueError) as e:
+        return str(e)
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head_dim not in (64, 128, 256):
+        return f"head_dim {head_dim} (the CUDA decode kernel supports 64, 128, 256)"
+    return None

@@ -37,12 +37,13 @@ class NativeOps:
         layer.cache.kvcache.accumulate(layer.layer_idx, query, stream=stream)
 
     @staticmethod
-    def compress_rpc(layer, start, keep, rpc, indices, scores, stream) -> int:
-        """RPC's fused compression (score, select, compact) of the layer; the kept indices go to
-        ``indices`` ([B, A, keep] int64), the scores to ``scores`` when it is not None."""
+    def compress_rpc(layer, start, keep, policy, indices, scores, stream) -> int:
+        """RPC's fused compression (score, select, compact) of the layer with the settings of
+        ``policy`` (an ``RPC``); the kept indices go to ``indices`` ([B, A, keep] int64), the scores to
+        ``scores`` when it is not None."""
         return layer.cache.kvcache.compress(
-            layer.layer_idx, start, keep, aggregation=rpc.aggregation, pooling=rpc.pooling,
-            kernel_size=rpc.kernel_size, stream=stream, scores_out=scores, indices_out=indices,
+            layer.layer_idx, start, keep, aggregation=policy.aggregation, pooling=policy.pooling,
+            kernel_size=policy.kernel_size, stream=stream, scores_out=scores, indices_out=indices,
         )
 
     @staticmethod
@@ -95,14 +96,14 @@ class TorchOps:
         tk.accumulate_(acc, query, k_store, layer.length, padding=pad)
 
     @staticmethod
-    def compress_rpc(layer, start, keep, rpc, indices, scores, stream) -> int:
+    def compress_rpc(layer, start, keep, policy, indices, scores, stream) -> int:
         kv = layer.cache.kvcache
         i = layer.layer_idx
         k_store, _ = layer.storage_views()
-        end = layer.length - rpc.window
+        end = layer.length - layer.cache.rpc.window
         queries = torch.from_dlpack(kv.queries(i))
-        got = tk.score(queries, k_store[:, :, : layer.length], start, end, aggregation=rpc.aggregation,
-                       pooling=rpc.pooling, kernel_size=rpc.kernel_size)
+        got = tk.score(queries, k_store[:, :, : layer.length], start, end, aggregation=policy.aggregation,
+                       pooling=policy.pooling, kernel_size=policy.kernel_size)
         if scores is not None:
             scores.copy_(got)
         indices.copy_(tk.select(got, keep))
