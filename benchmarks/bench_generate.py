@@ -8,7 +8,7 @@ repeat by repeat (a, b, c, a, b, c, ...) so that drift (clocks, other load) hits
   (b) rpc_off     ``rpc_py.generate(model, ..., rpc=None)``: rpc_py's cache, compression off,
   (c) rpc         ``rpc_py.generate(model, ..., rpc=RPCConfig(interval=P, window=R, ratio=c))``,
 and, by default on CUDA only, the same two rpc_py configurations decoded by one captured CUDA-graph
-step replayed per token (``rpc_py.hf.graph.graph_generate``):
+step replayed per token (``rpc_py.hf.generate.graph_generate``):
   (d) rpc_off_graph, (e) rpc_graph. The graph loop takes no stopping criteria, so for these only the
   whole call is timed; their prefill is timed by a 1-token call of the same function and subtracted.
 
@@ -34,7 +34,12 @@ cache length L. It fills a cache (DynamicCache, or rpc_py's cache with compressi
 K/V tokens, times a few decode steps at each L, times one RPC compression of one layer at the
 lengths the schedule compresses at, and integrates the step-time curve over a generation schedule
 (full KV: L grows by one per token; RPC: the sawtooth ``Lp + n*T + m``) to estimate long generations.
-Integrated numbers are labelled "integrated, not measured end to end" everywhere they appear.
+Integrated numbers are labelled "integrated, not measured end to end" everywhere they appear. The
+schedules start at L = prompt + 1, so that length is measured too when it is below ``--sweep-lengths``
+(JSON ``sweep_lengths_added``; a point's ``origin`` is "requested" or "added"). A step whose L is still
+outside the measured lengths (above the largest, or below with ``--sweep-exact-lengths``) is
+extrapolated by a rule that errs towards a slower step (``EXTRAPOLATION_RULES``); every integrated row
+says which lengths and what fraction of its steps (``extrapolated``, ``extrapolated_fraction``).
 
 Models are built from a config with random weights (``--shape``) or loaded from local weights
 (``--model PATH``). Random weights make the generated text meaningless but do not change the cost
@@ -143,6 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-lengths", type=int, nargs="+", help="cache lengths L to time")
     p.add_argument("--sweep-steps", type=int, default=8, help="timed decode steps per (cache, L)")
     p.add_argument("--sweep-outputs", type=int, nargs="+", help="generation lengths to integrate over")
+    p.add_argument("--sweep-exact-lengths", action="store_true",
+                   help="measure only --sweep-lengths (by default prompt + 1 is added when below them); step times "
+                        "outside the measured lengths are extrapolated either way, and labelled")
     p.add_argument("--json", help="output path (default benchmarks/results/bench_generate[_sweep]_<shape>_<device>.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -366,7 +374,7 @@ def _dynamic_kv_bytes(cache):
 
 def _graph_once(model, config, ids, mask, new_tokens, rpc, device, record):
     """(d)/(e): the CUDA-graph loop; only the whole call and a 1-token call (its prefill) are timed."""
-    from rpc_py.hf.graph import graph_generate
+    from rpc_py.hf.generate import graph_generate
 
     kw = dict(rpc=rpc if config == "rpc_graph" else None, do_sample=False, pad_token_id=0, eos_token_id=None)
     memory = MemoryProbe(device)
@@ -644,17 +652,65 @@ def _interp(xs, ys, x):
     return ys[-1]
 
 
-def integrate(curve, lengths_at_steps, extra_ms=0.0):
-    """Sum the interpolated step time over the attention length of every decode step."""
+# How a step time outside the measured lengths is filled in. Both rules err towards a slower step, and
+# both apply alike to every configuration integrated over the same curve.
+EXTRAPOLATION_RULES = {
+    "below": "flat at the step time of the smallest measured length (a shorter cache costs no more, so this "
+             "overstates those steps)",
+    "above": "straight line through the two largest measured lengths (flat when only one is measured), never "
+             "below the largest one's step time (decode attention grows linearly with L)",
+}
+
+
+def _extrapolate(xs, ys, x):
+    """Step time at ``x`` outside [xs[0], xs[-1]] by ``EXTRAPOLATION_RULES``."""
+    if x < xs[0]:
+        return ys[0]
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 and xs[-1] > xs[-2] else 0.0
+    return ys[-1] + max(slope, 0.0) * (x - xs[-1])
+
+
+def integrate(curve, lengths_at_steps, extra_ms=0.0, extrapolate=True):
+    """Sum the step time over the attention length of every decode step: interpolated between measured
+    lengths, extrapolated outside them (``EXTRAPOLATION_RULES``).
+
+    Returns ``(total_ms, extrapolated)``: ``extrapolated`` lists, per side ("below", "above") that was
+    needed, the range of lengths, the number of steps and the rule. With ``extrapolate=False`` a step
+    outside the measured range gives ``(None, that_length)`` instead."""
     xs = [p[0] for p in curve]
     ys = [p[1] for p in curve]
     total = extra_ms
+    outside = {}
     for L in lengths_at_steps:
         t = _interp(xs, ys, L)
         if t is None:
-            return None, L
+            if not extrapolate:
+                return None, L
+            side = "below" if L < xs[0] else "above"
+            lo, hi, n = outside.get(side, (L, L, 0))
+            outside[side] = (min(lo, L), max(hi, L), n + 1)
+            t = _extrapolate(xs, ys, L)
         total += t
-    return total, None
+    extrapolated = [{"side": side, "lengths": [lo, hi], "steps": n, "rule": EXTRAPOLATION_RULES[side]}
+                    for side, (lo, hi, n) in sorted(outside.items())]
+    return total, extrapolated
+
+
+def sweep_lengths(args):
+    """The cache lengths to measure: ``--sweep-lengths``, plus the first decode step's length
+    (prompt + 1, the shortest cache any schedule attends to) when it is below them, unless
+    ``--sweep-exact-lengths``; a point at the short end is the cheapest of the sweep. Returns
+    ``(lengths, added)`` with ``added`` a list of ``{"length", "reason"}``."""
+    lengths = sorted(set(args.sweep_lengths))
+    added = []
+    first = args.prompt + 1
+    if not args.sweep_exact_lengths and first < lengths[0]:
+        added.append({"length": first,
+                      "reason": "prompt + 1, the cache length of the first decode step, is below the smallest "
+                                "--sweep-lengths; measured so that the integration covers the short end "
+                                "(--sweep-exact-lengths: extrapolate instead)"})
+        lengths = [first] + lengths
+    return lengths, added
 
 
 def run_sweep(model, args, clock, checkpoint=lambda partial: None):
@@ -664,7 +720,8 @@ def run_sweep(model, args, clock, checkpoint=lambda partial: None):
     layers, q_heads, kv_heads, head_dim = dims
     dtype = next(model.parameters()).dtype
     vocab = model.config.get_text_config(decoder=True).vocab_size
-    lengths = sorted(set(args.sweep_lengths))
+    lengths, added = sweep_lengths(args)
+    added_lengths = {a["length"] for a in added}
     bytes_per_token = 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     points, skipped = [], []
     kinds = [c for c in ("hf_dynamic", "rpc_off") if c in args.configs or c == "rpc_off"]
@@ -694,7 +751,8 @@ def run_sweep(model, args, clock, checkpoint=lambda partial: None):
                     cache.release()
                 del cache
             mem = memory.result()
-            points.append({"cache": kind, "length": L, "step_ms": med, "step_ms_min": lo, "step_ms_max": hi,
+            points.append({"cache": kind, "length": L, "origin": "added" if L in added_lengths else "requested",
+                           "step_ms": med, "step_ms_min": lo, "step_ms_max": hi,
                            "decode_tok_s_at_length": args.batch * 1e3 / med,
                            "kv_mib_at_length": bytes_per_token * args.batch * L / MIB,
                            "peak_mem_mib": (mem["peak_bytes"] or 0) / MIB})
@@ -729,8 +787,8 @@ def run_sweep(model, args, clock, checkpoint=lambda partial: None):
             curve_kind = "hf_dynamic" if config == "hf_dynamic" else "rpc_off"
             curve = [(p["length"], p["step_ms"]) for p in points if p["cache"] == curve_kind]
             row = {"config": config, "output_tokens": out_len, "kind": INTEGRATED}
-            if len(curve) < 2:
-                row.update(decode_tok_s=None, reason="fewer than two measured lengths for this cache")
+            if not curve:
+                row.update(decode_tok_s=None, reason="no length measured for this cache (time budget)")
                 integrated.append(row)
                 continue
             if nc > len(compress_ms):
@@ -738,20 +796,25 @@ def run_sweep(model, args, clock, checkpoint=lambda partial: None):
                 integrated.append(row)
                 continue
             extra = sum(c["ms_all_layers"] for c in compress_ms[:nc])
-            total_ms, missing = integrate(curve, sched, extra)
+            total_ms, extrapolated = integrate(curve, sched, extra)
             peak_len = max(sched)
-            if total_ms is None:
-                row.update(decode_tok_s=None,
-                           reason=f"needs step time at L={missing}, outside the measured {curve[0][0]}..{curve[-1][0]}")
-            else:
-                row.update(decode_tok_s=args.batch * steps * 1e3 / total_ms, decode_s=total_ms / 1e3,
-                           compressions_per_layer=nc, compress_s=extra / 1e3)
+            n_out = sum(e["steps"] for e in extrapolated)
+            row.update(decode_tok_s=args.batch * steps * 1e3 / total_ms, decode_s=total_ms / 1e3,
+                       compressions_per_layer=nc, compress_s=extra / 1e3, steps=steps,
+                       measured_lengths=[curve[0][0], curve[-1][0]], extrapolated=extrapolated,
+                       extrapolated_steps=n_out, extrapolated_fraction=n_out / steps,
+                       step_times=("interpolated between measured lengths" if not extrapolated else
+                                   f"interpolated between measured lengths; {n_out} of {steps} steps extrapolated ("
+                                   + ", ".join(f"{e['side']}: L={e['lengths'][0]}..{e['lengths'][1]}"
+                                               for e in extrapolated) + ")"))
             row.update(peak_cache_len=peak_len, kv_peak_mib=bytes_per_token * args.batch * peak_len / MIB,
                        label=LABELS[config])
             integrated.append(row)
     # The integrated rows are the headline (top-level list); the measurements they come from are nested.
     return {"results": integrated, "skipped": skipped,
             "measured": {"step_time": points, "compression": compress_ms},
+            "sweep_lengths_measured": lengths, "sweep_lengths_added": added,
+            "extrapolation_rules": EXTRAPOLATION_RULES,
             "bytes_per_token_per_sequence": bytes_per_token}
 
 
@@ -903,16 +966,23 @@ def main(argv=None):
           f"on {m.get('gpu', m['cpu'])}; torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"batch {args.batch}, prompt {args.prompt}, RPC {args.rpc!r}")
     if args.sweep:
-        print("\nstep time vs cache length (measured)")
-        print(format_table(data["measured"]["step_time"], ["cache", "length", "step_ms", "step_ms_min", "step_ms_max",
-                                             "decode_tok_s_at_length", "kv_mib_at_length", "peak_mem_mib"]))
+        print("\nstep time vs cache length (measured; origin 'added': prompt + 1, below --sweep-lengths)")
+        print(format_table(data["measured"]["step_time"], ["cache", "length", "origin", "step_ms", "step_ms_min",
+                                                           "step_ms_max", "decode_tok_s_at_length",
+                                                           "kv_mib_at_length", "peak_mem_mib"]))
         if data["measured"]["compression"]:
             print("\none RPC compression (measured, random K/V)")
             print(format_table(data["measured"]["compression"], ["compression", "length_before", "keep", "ms_per_layer",
                                                      "ms_all_layers"]))
-        print(f"\ndecode throughput over a whole generation ({INTEGRATED})")
+        print(f"\ndecode throughput over a whole generation ({INTEGRATED}; extrapolated_fraction: share of the "
+              "decode steps whose cache length is outside the measured lengths)")
         print(format_table(data["results"], ["config", "output_tokens", "decode_tok_s", "decode_s",
-                                                "compressions_per_layer", "peak_cache_len", "kv_peak_mib", "reason"]))
+                                             "compressions_per_layer", "peak_cache_len", "kv_peak_mib",
+                                             "extrapolated_fraction", "reason"]))
+        for side, rule in data["extrapolation_rules"].items():
+            rows = [r for r in data["results"] if any(e["side"] == side for e in r.get("extrapolated", []))]
+            if rows:
+                print(f"extrapolated {side} the measured lengths ({len(rows)} row(s)): {rule}")
     else:
         print(f"output {args.output} tokens, {args.repeats} repeat(s); decode tok/s = median [min, max]")
         print(format_table(data["results"], ["config", "generated_tokens", "decode_tok_s", "decode_tok_s_min",
