@@ -125,7 +125,7 @@ def _int_vector(x):
 
 def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm="candidates",
                 gqa="mean_probs", query_reduce="sum", aggregation="all", pooling="avg", kernel_size=1, scale=None,
-                stream=None, raw=False):
+                stream=None, raw=False, query_weights=None):
     """Window-attention scores of the candidates ``keys[:, :, start:end]``: float32 ``[B, A, N]``
     (``rpc_py.policy_reference.window_attention_reference``).
 
@@ -135,14 +135,15 @@ def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None
     query_positions[r] + 1)``; needs ``query_positions``, one key position per query). ``gqa``:
     ``"mean_probs"`` or ``"max_logits"``; ``query_reduce``: ``"sum"`` or ``"mean"``; ``aggregation``:
     ``"all"`` (A = 1) or ``"group"`` (A = Hkv); ``pooling``/``kernel_size`` as in ``score`` (1 = none).
-    ``padding``: left-padding count per sequence. ``scale``: logit scale (default ``1/sqrt(D)``). With
-    ``raw=True`` returns ``(pooled, unpooled)``.
+    ``padding``: left-padding count per sequence. ``scale``: logit scale (default ``1/sqrt(D)``).
+    ``query_weights``: the weight of each query's probabilities in the sum over queries (R numbers;
+    on CUDA a float32 tensor on the device). With ``raw=True`` returns ``(pooled, unpooled)``.
     """
     _selfcheck(queries, "attn_scores", queries.shape[-1])
     out = _C.attn_scores(queries, keys, int(start), int(end), query_positions=_int_vector(query_positions),
                          padding=_int_vector(padding), norm=norm, gqa=gqa, query_reduce=query_reduce,
                          aggregation=aggregation, pooling=pooling, kernel_size=int(kernel_size), scale=scale,
-                         stream=_stream_for(queries, stream), raw=bool(raw))
+                         stream=_stream_for(queries, stream), raw=bool(raw), query_weights=query_weights)
     if raw:
         return _to_framework(out[0], queries), _to_framework(out[1], queries)
     return _to_framework(out, queries)

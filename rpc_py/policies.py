@@ -27,7 +27,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-__all__ = ["Policy", "RPC", "Recent", "Random", "TOVA", "H2O", "SnapKV", "RKV", "POLICIES", "as_policy",
+__all__ = ["Policy", "RPC", "Recent", "Random", "TOVA", "H2O", "SnapKV", "RKV", "Attention", "POLICIES", "as_policy",
            "ring_positions", "pool_scores"]
 
 _AGGREGATIONS = ("all", "group")
@@ -238,7 +238,60 @@ class RKV(Policy):
         return mixed.contiguous()
 
 
-POLICIES = {cls.name: cls for cls in (RPC, Recent, Random, TOVA, H2O, SnapKV, RKV)}
+@dataclass(frozen=True)
+class Attention(Policy):
+    """A point of the design space the attention-based rules share: the window queries' attention to
+    each candidate, with every choice a setting of its own (docs/policies.md gives the coordinates of
+    rpc, snapkv, tova, rkv and h2o in it):
+
+    * ``norm``: which keys share a query's softmax: ``"candidates"`` (RPC: the candidates only),
+      ``"causal"`` (every key the query saw, as the model computed it: SnapKV, TOVA), ``"past"`` (every
+      key older than the window: R-KV);
+    * ``aggregation``: one kept set per sequence over all heads (``"all"``) or one per KV head
+      (``"group"``); ``gqa``: a KV head's query heads averaged after their softmax (``"mean_probs"``) or
+      their logits max-pooled before one (``"max_logits"``);
+    * ``weighting``: how the window's queries are weighted in the sum: ``"uniform"`` (every query 1),
+      ``"newest"`` (only the newest: TOVA's signal), ``"recency"`` (the i-th newest weighs
+      ``0.5 ** (i / half_life)``);
+    * ``pooling`` and ``kernel_size`` along the candidates (``kernel_size=1``: none).
+
+    The defaults are RPC's coordinates (``Attention()`` keeps exactly RPC's tokens, through the general
+    kernel instead of the fused one)."""
+
+    name: ClassVar[str] = "attention"
+    kernel_families: ClassVar[tuple] = ("attn_scores",)
+    norm: str = "candidates"
+    aggregation: str = "all"
+    gqa: str = "mean_probs"
+    weighting: str = "uniform"
+    half_life: float = 8.0
+    pooling: str = "avg"
+    kernel_size: int = 7
+
+    def __post_init__(self):
+        _check_choice("Attention", "norm", self.norm, ("candidates", "causal", "past"))
+        _check_choice("Attention", "aggregation", self.aggregation, _AGGREGATIONS)
+        _check_choice("Attention", "gqa", self.gqa, ("mean_probs", "max_logits"))
+        _check_choice("Attention", "weighting", self.weighting, ("uniform", "newest", "recency"))
+        if isinstance(self.half_life, bool) or not isinstance(self.half_life, (int, float)) or not self.half_life > 0:
+            raise ValueError(f"Attention.half_life: expected a number > 0, got {self.half_life!r}")
+        _check_choice("Attention", "pooling", self.pooling, _POOLINGS)
+        _check_kernel("Attention", self.kernel_size)
+
+    def scores(self, ctx):
+        queries, positions = ctx.window_queries()
+        weights = None
+        if self.weighting != "uniform":
+            age = (ctx.length - 1) - positions  # 0 for the newest query of the ring (slot order)
+            if self.weighting == "newest":
+                weights = (age == 0).float()
+            else:
+                weights = (0.5 ** (age.double() / float(self.half_life))).float()
+        return ctx.attention(queries, positions, norm=self.norm, aggregation=self.aggregation, gqa=self.gqa,
+                             pooling=self.pooling, kernel_size=self.kernel_size, query_weights=weights)
+
+
+POLICIES = {cls.name: cls for cls in (RPC, Recent, Random, TOVA, H2O, SnapKV, RKV, Attention)}
 
 
 def as_policy(value) -> Policy:
@@ -403,7 +456,7 @@ class ScoreContext:
         slot = (kv.ring_position(self.layer) - 1) % self.window
         return ring[:, :, slot : slot + 1]
 
-    def _attn(self, queries, *, aggregation, pooling, kernel_size, **common):
+    def _attn(self, queries, *, aggregation, pooling, kernel_size, **common):  # common: norm, gqa, weights, ...
         from . import _C
         from . import torch_kernels as tk
 
@@ -417,8 +470,10 @@ class ScoreContext:
         return out
 
     def attention(self, queries, positions, *, norm, aggregation, gqa="mean_probs", query_reduce="sum",
-                  pooling="avg", kernel_size=1):
+                  pooling="avg", kernel_size=1, query_weights=None):
         common = dict(query_positions=positions, padding=self.padding, norm=norm, gqa=gqa, query_reduce=query_reduce)
+        if query_weights is not None:
+            common["query_weights"] = query_weights
         if self.tp is None or aggregation == "group":
             return self._attn(queries, aggregation=aggregation, pooling=pooling, kernel_size=kernel_size, **common)
         # All heads of all ranks: this rank's mean (unpooled) times its head count is its sum.

@@ -57,7 +57,7 @@ def _padding(padding, B):
 
 def window_attention_reference(queries, keys, start, end, *, query_positions=None, padding=None,
                                norm="candidates", gqa="mean_probs", query_reduce="sum", aggregation="all",
-                               pooling="avg", kernel_size=1):
+                               pooling="avg", kernel_size=1, query_weights=None):
     """Attention the selector queries pay to each candidate, the importance signal of every
     attention-based policy. Returns ``(pooled, raw)``, each ``[B, A, N]`` float64.
 
@@ -69,6 +69,8 @@ def window_attention_reference(queries, keys, start, end, *, query_positions=Non
         averaged (over G for ``group``, over all Hq heads for ``all``); ``"max_logits"`` the group's
         logits are max-pooled before one softmax per KV head (R-KV), ``all`` then averages KV heads.
     query_reduce: ``"sum"`` (RPC, SnapKV) or ``"mean"`` (R-KV) over the queries.
+    query_weights: ``R`` numbers, the weight of each query's probabilities in that sum (``None``: all 1):
+        how queries are weighted (e.g. only the newest: TOVA; more weight to recent ones).
     pooling, kernel_size: 1-D pooling of the aggregated scores along the candidates (``kernel_size=1``:
         none), stride 1, padding ``kernel_size // 2``; as in RPC, ``avg`` counts the zero padding.
     """
@@ -114,6 +116,11 @@ def window_attention_reference(queries, keys, start, end, *, query_positions=Non
     masked = logits.masked_fill(~allowed[:, None, None], -math.inf)
     probs = torch.softmax(masked, dim=-1)[..., start:end]  # candidates only, [B, Hkv, g, Rq, N]
     probs = torch.nan_to_num(probs, nan=0.0)  # a query whose range is empty contributes nothing
+    if query_weights is not None:
+        w = torch.as_tensor(query_weights, dtype=torch.float64).reshape(-1)
+        if w.numel() != Rq:
+            raise ValueError(f"query_weights: expected {Rq} entries, got {w.numel()}")
+        probs = probs * w[:, None]  # [.., Rq, N] weighted per query
     per_head = probs.sum(dim=3) if query_reduce == "sum" else probs.mean(dim=3)  # [B, Hkv, g, N]
 
     if gqa == "mean_probs":

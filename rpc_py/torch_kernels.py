@@ -154,14 +154,15 @@ def _chunks(B, H, bytes_per_head):
     return 1, max(1, min(H, CHUNK_BYTES // max(bytes_per_head, 1)))
 
 
-def _attention_sums(queries, keys, start, end, lo, hi, span, max_logits, scale):
+def _attention_sums(queries, keys, start, end, lo, hi, span, max_logits, scale, weights=None):
     """Per KV head, the sum over its query rows of each candidate's softmax probability.
 
     queries [B, Hq, R, D], keys [B, Hkv, >= span[1], D]. Query r of sequence b normalizes over the key
     positions [lo[b, r], hi[b, r]) (int64 [B, R] tensors on the device; None: the candidates
     [start, end) for every query). Only keys in ``span`` = (s0, s1) are read; every range lies inside it.
     Rows: the G*R (query head, query) pairs of the KV head, or, with ``max_logits``, the R queries
-    whose logits are the maximum over the G query heads. Returns float32 [B, Hkv, end - start].
+    whose logits are the maximum over the G query heads. ``weights`` (float32 [R] or None) multiply each
+    query's probabilities. Returns float32 [B, Hkv, end - start].
     """
     B, Hq, R, D = queries.shape
     Hkv = keys.shape[1]
@@ -196,6 +197,8 @@ def _attention_sums(queries, keys, start, end, lo, hi, span, max_logits, scale):
             total = e.sum(dim=-1, keepdim=True)
             probs = torch.where(usable, e[..., c0:c1] / total, torch.zeros((), device=device))
             del e
+            if weights is not None:
+                probs = probs * weights[:, None]  # [.., R, N]
             out[b0:b1, h0:h1] = probs.sum(dim=(2, 3))
     return out
 
@@ -222,7 +225,7 @@ def _check_qk(queries, keys):
 
 def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm="candidates",
                 gqa="mean_probs", query_reduce="sum", aggregation="all", pooling="avg", kernel_size=1,
-                scale=None, raw=False):
+                scale=None, raw=False, query_weights=None):
     """Window-attention scores of the candidates ``keys[:, :, start:end]``: float32 ``[B, A, N]``.
 
     queries ``[B, Hq, R, D]`` (oldest first), keys ``[B, Hkv, L, D]``, same float dtype and device, any
@@ -231,7 +234,8 @@ def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None
     (``"causal"``), every bound clamped into ``[0, L]``. ``gqa``: ``"mean_probs"`` (softmax per query
     head, averaged over Hq heads for ``aggregation="all"`` or each KV head's G heads for ``"group"``) or
     ``"max_logits"`` (the G heads' logits max-pooled before one softmax per KV head; ``all`` averages
-    KV heads). ``query_reduce``: ``"sum"`` or ``"mean"`` over the R queries. Pooling as ``score``
+    KV heads). ``query_reduce``: ``"sum"`` or ``"mean"`` over the R queries; ``query_weights``: R weights
+    of the queries' probabilities in that sum (None: all 1; a list, or a float tensor on the device). Pooling as ``score``
     (``kernel_size`` 1: none). ``scale`` defaults to ``1/sqrt(D)``. ``raw=True`` returns ``(pooled,
     unpooled)``. A query with an empty range, or whose logits in range hold NaN/+inf, contributes 0.
     """
@@ -268,7 +272,14 @@ def attn_scores(queries, keys, start, end, *, query_positions=None, padding=None
             # query r attends to [.., qpos + 1), i.e. up to its own key; clamp first so that no value overflows
             hi = (qpos.clamp(-1, L - 1) + 1)[None, :].expand(B, R)
             span = (0, L)
-    sums = _attention_sums(queries, keys, start, end, lo, hi, span, gqa == "max_logits", sc)
+    weights = None
+    if query_weights is not None:
+        weights = (query_weights if isinstance(query_weights, torch.Tensor)
+                   else torch.as_tensor(query_weights, dtype=torch.float32))
+        weights = weights.to(device=device, dtype=torch.float32).reshape(-1)
+        if weights.numel() != R:
+            raise ValueError(f"query_weights: expected {R} entries, got {weights.numel()}")
+    sums = _attention_sums(queries, keys, start, end, lo, hi, span, gqa == "max_logits", sc, weights)
 
     if gqa == "mean_probs":
         heads = Hq if aggregation == "all" else G

@@ -86,6 +86,11 @@ def attn_case(draw):
     opts = dict(norm=draw(st.sampled_from(NORMS)), gqa=draw(st.sampled_from(GQAS)),
                 query_reduce=draw(st.sampled_from(["sum", "mean"])), aggregation=draw(st.sampled_from(["all", "group"])),
                 pooling=draw(st.sampled_from(["avg", "max"])), kernel_size=draw(st.sampled_from([1, 3, 5, 63])))
+    if draw(st.booleans()):  # how the window's queries are weighted (default: every query 1)
+        w = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=R, max_size=R))
+        kind = draw(st.sampled_from(["list", "tuple", "numpy", "torch"]))
+        opts["query_weights"] = (w if kind == "list" else tuple(w) if kind == "tuple" else
+                                 np.array(w, dtype=np.float32) if kind == "numpy" else torch.tensor(w))
     dtype = draw(st.sampled_from(DTYPES))
     lays = (draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(LAYOUTS)))
     scalar = draw(st.booleans())
@@ -107,6 +112,8 @@ def test_attn_scores_matches_oracle(case):
         return
     assert ok, f"attn_scores refused valid input ({qlay}, {klay}): {res!r}"
     event(f"attn_scores ran ({opts['norm']}, {opts['gqa']})")
+    if "query_weights" in opts:
+        opts = dict(opts, query_weights=[float(x) for x in opts["query_weights"]])
     ref, ref_raw = P.window_attention_reference(torch.from_numpy(q_exp), torch.from_numpy(k_exp), start, end,
                                                 query_positions=qpos_vals, padding=pad_vals, **opts)
     close(res[0], ref.numpy())

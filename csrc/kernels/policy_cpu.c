@@ -231,10 +231,16 @@ typedef struct {
     rpc_attn_norm norm;
     const int64_t *qpos;     /* [R] (causal) */
     const int64_t *padding;  /* [B] or NULL */
+    const float *qw;         /* [R] query weights or NULL (all 1) */
     int max_logits;
     float scale;
     int64_t M;               /* logical rows per KV head: G * R (mean of probabilities) or R (max logits) */
 } attn_core;
+
+/* The weight of query r's probabilities in the sum over queries. */
+static inline double query_weight(const attn_core *c, int64_t r) {
+    return c->qw ? (double)c->qw[r] : 1.0;
+}
 
 /* The denominator range [lo, hi) of query r in sequence b, clamped to [0, L] (empty when hi <= lo). */
 static void denom_range(const attn_core *c, int64_t b, int64_t r, int64_t *lo, int64_t *hi) {
@@ -369,6 +375,7 @@ static int core_run(const attn_core *c, double **part_out, int64_t *splits_out, 
                     float *x = lg + i * npad;
                     double w;
                     if (!softmax_row(x + (lo - klo), hi - lo, &w)) continue;
+                    w *= query_weight(c, row_query(c, c0 + i));
                     const int64_t j0 = lo > c->start ? lo : c->start, j1 = hi < c->end ? hi : c->end;
                     double *accr = acc - c->start;
                     const float *xr = x - klo;
@@ -432,6 +439,7 @@ static void core_from_params(const rpc_attn_params *p, attn_core *c) {
     c->norm = p->norm;
     c->qpos = p->query_positions;
     c->padding = p->padding;
+    c->qw = p->query_weights;
     c->max_logits = p->gqa == RPC_GQA_MAX_LOGITS;
     c->scale = p->scale;
     c->M = c->max_logits ? c->R : c->G * c->R;
@@ -525,6 +533,7 @@ int rpc_cpu_attn_scores_scalar(const rpc_attn_params *p, char *err) {
                 }
                 double w;
                 if (!softmax_row_plain(logit + lo, hi - lo, &w)) continue;
+                w *= query_weight(&c, r);
                 for (int64_t j = lo; j < hi; j++)
                     if (j >= p->start && j < p->end) row[j - p->start] += (double)logit[j] * w;
             }

@@ -112,6 +112,7 @@ struct AttnArgs {
     int64_t start, end, N;      /* candidates */
     const int64_t *qpos;        /* [R] (causal) */
     const int64_t *padding;     /* [B] or null */
+    const float *qw;            /* [R] query weights or null (all 1) */
     int norm, max_logits;
     float scale;
     int M;                      /* logical rows per KV head: G * R (mean of probabilities) or R (max logits) */
@@ -326,7 +327,8 @@ __global__ void __launch_bounds__(kThreads) attn_probs_kernel(const AttnArgs a) 
         s_lo[threadIdx.x] = ok ? lo : 0;
         s_hi[threadIdx.x] = ok ? hi : 0; /* an unusable row gets an empty range: it adds nothing */
         s_m[threadIdx.x] = m;
-        s_inv[threadIdx.x] = ok ? 1.0f / s : 0.0f;
+        const float weight = a.qw ? a.qw[row_query(a, l0 + threadIdx.x)] : 1.0f;
+        s_inv[threadIdx.x] = ok ? weight / s : 0.0f;
         if (ok && max(lo, c_lo) < min(hi, c_hi)) atomicOr(&s_any, 1);
     }
     __syncthreads();
@@ -794,6 +796,7 @@ extern "C" int rpc_cuda_attn_scores(int device, const rpc_attn_params *p, void *
     a.N = p->end - p->start;
     a.qpos = p->query_positions;
     a.padding = p->padding;
+    a.qw = p->query_weights;
     a.norm = (int)p->norm;
     a.max_logits = p->gqa == RPC_GQA_MAX_LOGITS;
     a.scale = p->scale;

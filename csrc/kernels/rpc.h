@@ -341,6 +341,8 @@ typedef struct {
     rpc_attn_norm norm;
     rpc_attn_gqa gqa;
     rpc_query_reduce reduce;
+    const float *query_weights; /* [R] weight of each query's probabilities before the sum over queries, on
+                               the kernel's device, or NULL (every weight 1): how queries are weighted */
     rpc_aggregation agg;    /* A = 1 (ALL) or Hkv (GROUP) */
     rpc_pooling pool;
     int kernel_size;        /* odd, >= 1 (1 = no pooling) */

@@ -233,6 +233,90 @@ fail:
     return -1;
 }
 
+/* A float32 vector argument (query_weights): None, a sequence of numbers (host kernels only), or a 1-D
+ * float32 DLPack tensor where the kernel runs (used in place). `host` is an owned copy of a sequence. */
+typedef struct {
+    const float *kernel;
+    float *host;
+    PyObject *keep;
+} float_vec;
+
+static void float_vec_free(float_vec *v) {
+    free(v->host);
+    Py_XDECREF(v->keep);
+    memset(v, 0, sizeof *v);
+}
+
+static int float_vec_parse(PyObject *obj, const char *argname, int64_t len, rpc_device_type dt, int dev_id,
+                           intptr_t stream, float_vec *v) {
+    memset(v, 0, sizeof *v);
+    if (obj == Py_None) return 0;
+    int is_dl = PyCapsule_CheckExact(obj);
+    if (!is_dl) {
+        is_dl = pol_has_attr(obj, "__dlpack__");
+        if (is_dl < 0) return -1;
+    }
+    char want[32];
+    rpc_format_device(want, sizeof want, dt, dev_id);
+    if (is_dl) {
+        rpc_tensor t;
+        if (rpc_from_dlpack(obj, argname, stream, &t, &v->keep) < 0) goto fail;
+        if (t.ndim != 1 || t.dtype != RPC_F32 || t.shape[0] != len || t.device_type != dt || t.device_id != dev_id ||
+            (len > 1 && t.strides[0] != 1)) {
+            char got[96], gdev[32];
+            rpc_format_shape(got, sizeof got, &t);
+            rpc_format_device(gdev, sizeof gdev, t.device_type, t.device_id);
+            PyErr_Format(PyExc_ValueError, "%s: expected a contiguous float32 tensor of %lld elements on %s, got %s %s "
+                         "on %s", argname, (long long)len, want, rpc_dtype_name(t.dtype), got, gdev);
+            goto fail;
+        }
+        v->kernel = (const float *)t.data;
+        return 0;
+    }
+    if (dt != RPC_DEV_CPU) {
+        PyErr_Format(PyExc_ValueError, "%s: for a kernel on %s pass a float32 tensor on that device", argname, want);
+        goto fail;
+    }
+    PyObject *seq = PySequence_Fast(obj, "expected a sequence of numbers or a float32 tensor");
+    if (!seq) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a sequence of numbers or a float32 tensor, got %s", argname,
+                     Py_TYPE(obj)->tp_name);
+        goto fail;
+    }
+    if ((int64_t)PySequence_Fast_GET_SIZE(seq) != len) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %lld entries, got %zd", argname, (long long)len,
+                     PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        goto fail;
+    }
+    v->host = (float *)malloc((size_t)(len > 0 ? len : 1) * sizeof(float));
+    if (!v->host) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (int64_t i = 0; i < len; i++) {
+        double x;
+        if (rpc_parse_float(PySequence_Fast_GET_ITEM(seq, i), argname, &x) < 0) {
+            Py_DECREF(seq);
+            goto fail;
+        }
+        if (!isfinite(x)) {
+            PyErr_Format(PyExc_ValueError, "%s: expected finite weights, got %R at position %lld", argname,
+                         PySequence_Fast_GET_ITEM(seq, i), (long long)i);
+            Py_DECREF(seq);
+            goto fail;
+        }
+        v->host[i] = (float)x;
+    }
+    Py_DECREF(seq);
+    v->kernel = v->host;
+    return 0;
+fail:
+    float_vec_free(v);
+    return -1;
+}
+
 /* ------------------------------------------------------------------------------------ attn_scores */
 
 static const char *const NORM_NAMES[] = {"candidates", "past", "causal"};
@@ -271,16 +355,16 @@ static int check_qk(const rpc_tensor *q, const rpc_tensor *k) {
 static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, int scalar) {
     static char *kwlist[] = {"queries", "keys", "start", "end", "query_positions", "padding", "norm", "gqa",
                              "query_reduce", "aggregation", "pooling", "kernel_size", "scale", "stream", "raw",
-                             "out", NULL};
+                             "out", "query_weights", NULL};
     PyObject *q_obj, *k_obj, *qpos_obj = Py_None, *pad_obj = Py_None, *scale_obj = Py_None, *stream_obj = Py_None,
-             *out_obj = Py_None;
+             *out_obj = Py_None, *qw_obj = Py_None;
     long long start, end;
     const char *norm_name = "candidates", *gqa_name = "mean_probs", *reduce_name = "sum", *agg_name = "all",
                *pool_name = "avg";
     int kernel_size = 1, want_raw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$OOsssssiOOpO:attn_scores", kwlist, &q_obj, &k_obj, &start,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOLL|$OOsssssiOOpOO:attn_scores", kwlist, &q_obj, &k_obj, &start,
                                      &end, &qpos_obj, &pad_obj, &norm_name, &gqa_name, &reduce_name, &agg_name,
-                                     &pool_name, &kernel_size, &scale_obj, &stream_obj, &want_raw, &out_obj))
+                                     &pool_name, &kernel_size, &scale_obj, &stream_obj, &want_raw, &out_obj, &qw_obj))
         return NULL;
     if (want_raw && out_obj != Py_None) {
         PyErr_SetString(PyExc_ValueError, "out: not supported with raw=True (the raw scores need a block of their own)");
@@ -302,6 +386,8 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
     int_vec qpos, pad;
     memset(&qpos, 0, sizeof qpos);
     memset(&pad, 0, sizeof pad);
+    float_vec qw;
+    memset(&qw, 0, sizeof qw);
     rpc_result o;
     memset(&o, 0, sizeof o);
     rpc_tensor q, k;
@@ -329,6 +415,7 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
     if (int_vec_parse(qpos_obj, "query_positions", q.shape[2], 0, st, q.device_type, q.device_id, stream, &qpos) < 0)
         goto done;
     if (int_vec_parse(pad_obj, "padding", q.shape[0], 1, st, q.device_type, q.device_id, stream, &pad) < 0) goto done;
+    if (float_vec_parse(qw_obj, "query_weights", q.shape[2], q.device_type, q.device_id, stream, &qw) < 0) goto done;
 
     rpc_attn_params p;
     memset(&p, 0, sizeof p);
@@ -350,6 +437,7 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
     p.norm = (rpc_attn_norm)norm;
     p.gqa = (rpc_attn_gqa)gqa;
     p.reduce = (rpc_query_reduce)reduce;
+    p.query_weights = qw.kernel;
     p.agg = agg;
     p.pool = pool;
     p.kernel_size = kernel_size;
@@ -393,6 +481,7 @@ static PyObject *attn_impl(PyObject *module, PyObject *args, PyObject *kwargs, i
     Py_DECREF(rawres);
 done:
     rpc_result_release(&o);
+    float_vec_free(&qw);
     int_vec_free(&qpos);
     int_vec_free(&pad);
     Py_XDECREF(q_keep);
@@ -761,7 +850,7 @@ static PyMethodDef policy_methods[] = {
     {"attn_scores", KWFN(pol_attn_scores), METH_VARARGS | METH_KEYWORDS,
      "attn_scores(queries, keys, start, end, *, query_positions=None, padding=None, norm='candidates',\n"
      "            gqa='mean_probs', query_reduce='sum', aggregation='all', pooling='avg', kernel_size=1,\n"
-     "            scale=None, stream=None, raw=False)\n--\n\n"
+     "            scale=None, stream=None, raw=False, out=None, query_weights=None)\n--\n\n"
      "Window-attention scores of the candidates keys[:, :, start:end] (rpc_py.policy_reference.\n"
      "window_attention_reference): float32 [B, A, N], A = 1 ('all') or Hkv ('group'); with raw=True a tuple\n"
      "(pooled, unpooled). norm: 'candidates' | 'past' | 'causal' (needs query_positions, one key position\n"
