@@ -172,7 +172,7 @@ def part_b(args, done: dict) -> dict | None:
 
 
 def markdown(path: str) -> int:
-    """Print README tables from a results file: accuracy (95% CI) per schedule and policy, then
+    """Print the tables of docs/ablations.md from a results file: accuracy (95% CI) per schedule and policy, then
     the real-text NLL increase per schedule and policy."""
     with open(path) as f:
         res = json.load(f)
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                    help="write --out from the results of separate runs (e.g. --parts a and --parts b run "
                         "side by side, one thread each): the accuracy part of the first that has one, the "
                         "real-text part likewise, and every run's command and machine")
-    p.add_argument("--markdown", metavar="JSON", help="print the README tables of a results file and exit")
+    p.add_argument("--markdown", metavar="JSON", help="print the docs/ablations.md tables of a results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
         return markdown(args.markdown)

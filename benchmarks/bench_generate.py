@@ -495,9 +495,50 @@ def _spread(values):
     return statistics.median(vals), min(vals), max(vals)
 
 
+def _weight_bytes(model) -> int:
+    """Bytes a decode step reads of the model's parameters (each tensor once: tied embeddings count once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def roofline(model, args, runs, copy_gbps):
+    """The memory-bandwidth bound of each configuration's decode rate: every decode step reads the
+    weights once and the K/V the cache holds at that step (a lower bound on its traffic; activations,
+    logits and writes are left out), so at the device's own copy rate (measured in this run, read +
+    write) batch * copy_rate / bytes_per_step tokens/s is the most it could reach. Returns
+    {config: {...}} with the bound and the fraction of it the measured median reached."""
+    layers, _, kv_heads, head_dim = _model_dims(model)
+    es = next(model.parameters()).element_size()
+    kv_per_token = 2 * layers * kv_heads * head_dim * es * args.batch  # K and V of every layer, whole batch
+    weights = _weight_bytes(model)
+    out = {}
+    for config in {r["config"] for r in runs}:
+        lengths = [L for r in runs if r["config"] == config for L in r["cache_length"][1:] if L and L > 0]
+        if not lengths:  # the graph loops record no per-step length: use the schedule's
+            steps = args.output - 1
+            rpc = args.rpc if config.startswith("rpc") and not config.startswith("rpc_off") else None
+            lengths = [(rpc.physical_length(args.prompt, g - 1) if rpc else args.prompt + g - 1) + 1
+                       for g in range(1, steps + 1)]
+        mean_len = statistics.fmean(lengths)
+        step_bytes = weights + kv_per_token * mean_len
+        bound = args.batch * copy_gbps * 1e9 / step_bytes
+        measured = statistics.median(r["decode_tokens_per_s"] for r in runs if r["config"] == config)
+        out[config] = {"weight_bytes": weights, "mean_kv_length": mean_len, "bytes_per_step": step_bytes,
+                       "roofline_tok_s": bound, "fraction_of_roofline": measured / bound}
+    return out
+
+
 def run_end_to_end(model, args, clock, checkpoint=lambda partial: None):
     """``checkpoint(partial)`` is called after every measured run with what is known so far, so that a
     run killed by a time limit still leaves its measurements in the JSON."""
+    from rpc_py._report import copy_bandwidth_gbps
+
+    copy_gbps = copy_bandwidth_gbps(args.device, nbytes=(1 << 30) if args.device == "cuda" else (1 << 28))
     ids, mask = make_prompts(model, args)
     configs = list(args.configs)
     runs, skipped, outputs = [], [], {}
@@ -551,6 +592,9 @@ def run_end_to_end(model, args, clock, checkpoint=lambda partial: None):
             "label": LABELS[config],
         })
 
+    bounds = roofline(model, args, runs, copy_gbps) if runs else {}
+    for row in results:
+        row.update(bounds.get(row["config"], {}))
     counts = sorted({r["generated_tokens"] for r in runs})
     checks = {"generated_tokens": counts, "same_generated_tokens": len(counts) <= 1,
               "expected_generated_tokens": args.output}
@@ -570,7 +614,10 @@ def run_end_to_end(model, args, clock, checkpoint=lambda partial: None):
     if "rpc" in args.configs:
         checks["rpc_first_compression_after_token"] = args.rpc.interval + args.rpc.window + 1
     # Only the summary rows are a top-level list (gpu_check.sh prints top-level lists as tables).
-    return {"results": results, "skipped": skipped, "checks": checks, "details": {"runs": runs}}
+    return {"results": results, "skipped": skipped, "checks": checks, "details": {"runs": runs},
+            "copy_GBps": copy_gbps,
+            "roofline_note": ("bound = batch * copy rate / (weight bytes + mean K/V bytes held per step); the copy "
+                              "rate is the device's own (read + write) measured in this run")}
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -865,8 +912,11 @@ def plot_end_to_end(data, path):
     ax1.set_yscale("log")
     ax1.legend(fontsize=8)
     s = data["settings"]
-    ax1.set_title(f"{s['model']} on {s['device']}: batch {s['batch']}, prompt {s['prompt']}, "
-                  f"output {s['output']}, {s['rpc']}", fontsize=8)
+    import textwrap
+
+    title = (f"{s['model']} on {s['device']}: batch {s['batch']}, prompt {s['prompt']}, output {s['output']}, "
+             f"{s['rpc']}")
+    ax1.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     ax2.set_ylabel("cache length (tokens, layer 0)")
     ax2.set_xlabel("generated token")
     fig.tight_layout()
@@ -989,6 +1039,10 @@ def main(argv=None):
                                              "decode_tok_s_max", "prefill_ms", "peak_mem_mib", "peak_mem_delta_mib",
                                              "kv_peak_mib", "kv_final_mib", "max_cache_len", "compressions",
                                              "compress_ms"]))
+        print(f"memory-bandwidth roofline (copy rate {data['copy_GBps']:.1f} GB/s measured in this run; "
+              "bytes per step = weights + mean K/V held)")
+        print(format_table(data["results"], ["config", "decode_tok_s", "roofline_tok_s", "fraction_of_roofline",
+                                             "mean_kv_length", "bytes_per_step"]))
         print("checks:", json.dumps(data["checks"]))
     for s in data["skipped"]:
         print("SKIPPED:", json.dumps(s))

@@ -2,8 +2,9 @@
 # ci/test_wheel.sh WHEEL [pytest args]: run the test suite against the *installed* wheel.
 #
 # A fresh virtual environment gets torch (the pinned CPU build on this machine's disk), the wheel with
-# its `test` extra, and nothing of the checkout: the suite (tests/, notebooks/, benchmarks/ and the
-# pytest settings in pyproject.toml) is copied to a scratch folder without rpc_py/, and python
+# its `test` extra, and nothing of the checkout: the suite (tests/, notebooks/, benchmarks/, ci/*.sh,
+# README.md, docs/ and the pytest settings in pyproject.toml) is copied to a scratch folder without
+# rpc_py/, and python
 # proves that `import rpc_py` comes from the environment's site-packages before pytest starts. The
 # exit status is pytest's (5 = no test collected; .ci/run treats that as a failure).
 #
@@ -53,7 +54,7 @@ echo "   installed in $((SECONDS - t0)) s"
 
 # The suite without the package: nothing here can shadow the installed rpc_py.
 mkdir -p "$SUITE/benchmarks" "$SUITE/ci"
-cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/pyproject.toml" "$SUITE/"
+cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/docs" "$SUITE/"  # README + docs: tests/test_docs.py
 cp "$REPO"/benchmarks/*.py "$REPO"/benchmarks/*.sh "$SUITE/benchmarks/"
 cp "$REPO"/ci/*.sh "$SUITE/ci/"  # the scripts whose behaviour tests/test_ci_scripts.py checks
 find "$SUITE" -name __pycache__ -prune -exec rm -rf {} +

@@ -298,7 +298,7 @@ def generate(model, *args, rpc: RPCConfig | None = RPCConfig(), cuda_graph: bool
     ``cuda_graph=True`` decodes with one captured CUDA-graph step replayed per token
     (``rpc_py.hf.graph``) and returns the token ids; where capture is impossible (CPU, options the
     static loop does not reproduce) it warns with ``GraphFallbackWarning`` and runs this eager path.
-    It is off by default until it has been validated on a GPU (see README, "CUDA-graph decoding").
+    It is off by default until it has been validated on a GPU (docs/benchmarks.md, CUDA-graph decoding).
     The graph path switches the model's attention for itself: do not run other generations on the
     same model while it runs.
 
