@@ -54,7 +54,8 @@ meta = results["meta"]
 print("command:", meta["command"])
 print("machine:", meta["machine"])"""))
 
-cells.append(new_markdown_cell("## Part A: loop-trace model, exact-answer accuracy"))
+cells.append(new_markdown_cell(r"""## Part A: loop-trace model, exact-answer accuracy"""))
+
 cells.append(new_code_cell(r"""acc = results["accuracy"]
 rows = list(acc["settings"].values())
 full = next(r for r in rows if r["policy"] == "full")
@@ -87,11 +88,17 @@ for ax, sweep in zip(axes[0], sweeps):
     ax.set_title(f"sweep over {sweep}")
     ax.set_xlabel("peak KV / full KV")
 axes[0][0].set_ylabel("exact-answer accuracy (95% CI)")
-axes[0][-1].legend(fontsize=7, loc="lower right")
-fig.tight_layout()
+# one legend for the figure, naming every line drawn in any panel
+handles = {}
+for ax in axes[0]:
+    for h, l in zip(*ax.get_legend_handles_labels()):
+        handles.setdefault(l, h)
+fig.legend(list(handles.values()), list(handles.keys()), fontsize=7, loc="center right")
+fig.tight_layout(rect=(0, 0, 0.93, 1))
 plt.show()"""))
 
-cells.append(new_markdown_cell("## Part B: SmolLM2-135M, real text"))
+cells.append(new_markdown_cell(r"""## Part B: SmolLM2-135M, real text"""))
+
 cells.append(new_code_cell(r"""rt = results.get("realtext") or {}
 if "settings" not in rt:
     print("SmolLM2 part not run:", rt.get("skipped", "no data"))
@@ -115,7 +122,8 @@ else:
     ax.set_xlabel("peak KV / full KV"); ax.set_ylabel("NLL increase over full KV (nats/token)")
     ax.legend(fontsize=7); fig.tight_layout(); plt.show()"""))
 
-cells.append(new_markdown_cell("## Interpretation (computed from the numbers above)"))
+cells.append(new_markdown_cell(r"""## Interpretation (computed from the numbers above)"""))
+
 cells.append(new_code_cell(r"""from math import comb
 from IPython.display import Markdown
 
@@ -130,27 +138,37 @@ def mcnemar_p(a, b):
     k = min(n01, n10)
     return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
 
+def holm(ps):
+    # Holm's step-down adjustment of a family of p-values (family-wise error rate), input order kept
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
 lines = [f"* Full KV: {full['pass@1']:.1%} exact answers (chance is 10%)."]
-wins, ties, losses = [], [], []
+comparisons = []  # every paired comparison shown below: one family for the adjustment
 for point in dict.fromkeys(r["point"] for r in rows if r["policy"] == "rpc"):
     here = {r["policy"]: r for r in rows if r["point"] == point}
     rpc = here["rpc"]
     for other in ("recent", "random", "tova", "h2o", "snapkv", "rkv"):
-        if other not in here:
-            continue
-        o = here[other]
-        p = mcnemar_p(rpc, o)
-        entry = f"{point} vs {other}: {rpc['pass@1']:.1%} vs {o['pass@1']:.1%} (p = {p:.3g})"
-        if p < 0.05 and rpc["pass@1"] > o["pass@1"]:
-            wins.append(entry)
-        elif p < 0.05:
-            losses.append(entry)
-        else:
-            ties.append(entry)
-lines.append(f"* RPC significantly better (paired exact McNemar test, p < 0.05) in {len(wins)} comparisons:"
-             + "".join(f"\n  * {w}" for w in wins))
+        if other in here:
+            comparisons.append((point, other, rpc, here[other], mcnemar_p(rpc, here[other])))
+adjusted = holm([c[4] for c in comparisons])
+wins, ties, losses = [], [], []
+for (point, other, rpc, o, p), q in zip(comparisons, adjusted):
+    entry = f"{point} vs {other}: {rpc['pass@1']:.1%} vs {o['pass@1']:.1%} (p = {p:.3g}, Holm-adjusted {q:.3g})"
+    if q < 0.05 and rpc["pass@1"] > o["pass@1"]:
+        wins.append(entry)
+    elif q < 0.05:
+        losses.append(entry)
+    else:
+        ties.append(entry)
+family = f"paired exact McNemar tests, Holm-adjusted over all {len(comparisons)} comparisons, adjusted p < 0.05"
+lines.append(f"* RPC significantly better ({family}) in {len(wins)} comparisons:" + "".join(f"\n  * {w}" for w in wins))
 lines.append(f"* **RPC significantly worse** in {len(losses)} comparisons:" + "".join(f"\n  * {w}" for w in losses))
-lines.append(f"* No significant difference in {len(ties)} comparisons:" + "".join(f"\n  * {w}" for w in ties))
+lines.append(f"* No significant difference after adjustment in {len(ties)} comparisons:" + "".join(f"\n  * {w}" for w in ties))
 rpc_rows = sorted((r for r in rows if r["policy"] == "rpc"), key=lambda r: r["mean_peak_kv_fraction"])
 if rpc_rows:
     best_small = [r for r in rpc_rows if r["pass@1"] >= full["pass@1"] - 0.05]
@@ -171,6 +189,83 @@ if "settings" in rt:
                          + ("" if sep else ", intervals overlap: no clear difference") + ".")
 if QUICK:
     lines.append("* Quick mode: too few problems for any of these conclusions; see the committed full run.")
+display(Markdown("\n".join(lines)))"""))
+
+cells.append(new_markdown_cell(r"""## What makes a rule work: the design space
+
+RPC, SnapKV at decode and TOVA differ in a few independent choices, each a setting of
+`rpc_py.policies.Attention` on the same scorer: which keys share a query's softmax (`candidates`: RPC;
+`causal`, every key the query saw: SnapKV), one kept set per sequence or per KV head (`all` | `group`),
+and the pooling kernel (5 | 7). `benchmarks/design_space.py` runs every cell of that factorial at the same
+schedule (so the same memory) at two memory levels on fresh held-out problems, next to H2O and one point of
+the query-weighting knob, on every trained loop-trace model it is given. Every cell is compared with RPC on
+the same problems (exact McNemar), and all those p-values are Holm-adjusted together. The mechanism: during
+RPC's own run, the share of its attention each window query puts on the candidates."""))
+
+cells.append(new_code_cell(r"""if QUICK:
+    import design_space
+    ds_out = Path(tempfile.mkdtemp()) / "design_space.json"
+    design_space.main(["--quick", "--out", str(ds_out)])
+    ds = json.loads(ds_out.read_text())
+else:
+    ds = json.loads((ROOT / "benchmarks" / "results" / "design_space.json").read_text())
+print("command:", ds["command"]); print("machine:", ds["machine"]); print("settings:", ds["settings"])
+NORMS, AGGS, KS = ("candidates", "causal"), ("all", "group"), (5, 7)
+def cell_name(norm, agg, k):
+    return "rpc" if (norm, agg, k) == ("candidates", "all", 7) else f"{norm}/{agg}/k{k}"
+levels = sorted({lv for m in ds["models"].values() for lv in m["levels"]}, key=int)
+fig, axes = plt.subplots(len(ds["models"]), len(levels), figsize=(4.6 * len(levels), 2.6 * len(ds["models"])),
+                         squeeze=False)
+for row, (label, m) in enumerate(ds["models"].items()):
+    for col, lv in enumerate(levels):
+        level = m["levels"][lv]
+        grid = [[level[cell_name(nm, ag, k)]["pass@1"] for k in KS for ag in AGGS] for nm in NORMS]
+        ax = axes[row][col]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for i, nm in enumerate(NORMS):
+            for j in range(4):
+                ax.text(j, i, f"{grid[i][j]:.0%}", ha="center", va="center", color="w" if grid[i][j] < 0.6 else "k", fontsize=8)
+        ax.set_xticks(range(4), [f"k{k} {ag}" for k in KS for ag in AGGS], fontsize=7)
+        ax.set_yticks(range(2), NORMS, fontsize=7)
+        ax.set_title(f"{label}, c={lv}: RPC = candidates / k7 all; h2o {level['h2o']['pass@1']:.0%}", fontsize=8)
+fig.colorbar(im, ax=axes, shrink=0.8, label="exact-answer accuracy")
+plt.show()"""))
+
+cells.append(new_code_cell(r"""mech = {label: m["mechanism"] for label, m in ds["models"].items() if "mechanism" in m}
+if mech:
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, mm in mech.items():
+        edges, counts = mm["histogram"]["edges"], mm["histogram"]["counts"]
+        total = sum(counts)
+        ax.step(edges[:-1], [c / total for c in counts], where="post", label=f"{label} ({mm['queries']} query x head)")
+    ax.set_xlabel("causal attention mass of a window query on the candidates (head-averaged per KV head)")
+    ax.set_ylabel("share of window queries"); ax.legend(fontsize=7); fig.tight_layout(); plt.show()
+    for label, mm in mech.items():
+        worst = min(v["share_below_0.1"] for v in mm["per_layer"].values() if v["share_below_0.1"] is not None)
+        print(f"{label}: {mm['share_below_0.1']:.1%} of window queries put < 0.1 of their attention on the candidates "
+              f"(< 0.05: {mm['share_below_0.05']:.1%}; median {mm['median']:.2f}); every layer at least {worst:.1%}")"""))
+
+cells.append(new_code_cell(r"""lines = []
+comps = ds["comparisons"]
+family = f"exact McNemar vs RPC on the same problems, Holm-adjusted over all {len(comps)} comparisons"
+for label, m in ds["models"].items():
+    for lv in levels:
+        level = m["levels"][lv]
+        best = max((n for n in level if n != "rpc"), key=lambda n: level[n]["pass@1"])
+        lines.append(f"* {label}, c={lv}: RPC {level['rpc']['k']}/{level['rpc']['n']}; best cell {best} "
+                     f"{level[best]['k']}/{level[best]['n']}; SnapKV's cell (causal/group/k5) {level['causal/group/k5']['k']}, "
+                     f"H2O {level['h2o']['k']}.")
+sig = [c for c in comps if c["significant_holm_0.05"]]
+lines.append(f"* Significant after adjustment ({family}): {len(sig)} of {len(comps)}:" +
+             "".join(f"\n  * {c['model']} c={c['ratio']} {c['cell']}: {c['cell_k']} vs RPC {c['rpc_k']}, "
+                     f"{'above' if c['cell_k'] > c['rpc_k'] else '**below**'} RPC (p_holm = {c['p_holm']:.2g})"
+                     for c in sig))
+one_knob = [c for c in comps if c["cell"] in ("causal/all/k7", "candidates/group/k7")]
+if one_knob:
+    lines.append("* One knob at a time from RPC (kernel 7): " + "; ".join(
+        f"{c['model']} c={c['ratio']} {c['cell']} {c['cell_k']} vs {c['rpc_k']} (p_holm {c['p_holm']:.2g})" for c in one_knob))
+if QUICK:
+    lines.append("* Quick mode: 8 problems, no conclusion possible; see the committed full run.")
 display(Markdown("\n".join(lines)))"""))
 
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
