@@ -61,11 +61,37 @@ rows = list(acc["settings"].values())
 full = next(r for r in rows if r["policy"] == "full")
 print(f"{acc['problems']} held-out problems (seeds from {acc['first_seed']}), task {acc['spec']}, "
       f"mean trace {full['mean_trace_tokens']:.0f} tokens")
-print(f"{'setting':<44} {'pass@1':>7} {'95% CI':>15} {'peak KV':>8} {'compr.':>6}")
+
+# Memory counts every byte a policy holds, not only K/V: the selector-query ring (Hq x R x D per layer)
+# of the attention-based policies and H2O's accumulator (Hkv x L float32 per layer), as fractions of
+# each problem's full K/V (prompt + trace tokens, 2 x Hkv x D per layer and token).
+from transformers import AutoConfig, AutoTokenizer
+from rpc_py.policies import POLICIES
+from rpc_py.tracemodel import WEIGHTS, TaskSpec, heldout_problems
+
+cfg, tok = AutoConfig.from_pretrained(WEIGHTS), AutoTokenizer.from_pretrained(WEIGHTS)
+hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+head = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+spec = TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in acc["spec"].items()})
+prompt_len = [len(tok(p["problem"])["input_ids"]) for p in heldout_problems(acc["problems"], spec=spec, start=acc["first_seed"])]
+for r in rows:
+    policy = POLICIES.get(r["policy"])
+    shares = []
+    for rec in r["records"]:
+        full_len = prompt_len[rec["problem"]] + rec["trace_tokens"]
+        extra = 0.0
+        if policy is not None and policy.uses_queries:
+            extra += hq * r["window"] / (2 * hkv) / full_len           # the ring, in K/V token-equivalents
+        if policy is not None and policy.uses_accumulators:
+            extra += rec["peak_kv_fraction"] / (2 * head)              # float32 per KV head and held token
+        shares.append(rec["peak_kv_fraction"] + extra)
+    r["mean_peak_state_fraction"] = sum(shares) / len(shares)
+print(f"{'setting':<44} {'pass@1':>7} {'95% CI':>15} {'peak KV':>8} {'peak state':>10} {'compr.':>6}")
 for r in sorted(rows, key=lambda r: (r["sweep"] != "full", r["sweep"], r["point"], r["policy"])):
     lo, hi = r["ci95"]
     print(f"{r['setting']:<44} {r['pass@1']:>7.3f} {f'[{lo:.3f}, {hi:.3f}]':>15} "
-          f"{r['mean_peak_kv_fraction']:>8.3f} {r['mean_compressions']:>6.1f}")"""))
+          f"{r['mean_peak_kv_fraction']:>8.3f} {r['mean_peak_state_fraction']:>10.3f} {r['mean_compressions']:>6.1f}")
+print("peak state = peak K/V + the selector-query ring (rpc, tova, snapkv, rkv) or H2O's accumulator, per full K/V")"""))
 
 cells.append(new_code_cell(r"""import matplotlib.pyplot as plt
 
@@ -76,17 +102,17 @@ fig, axes = plt.subplots(1, len(sweeps), figsize=(4.2 * len(sweeps), 3.6), squee
 for ax, sweep in zip(axes[0], sweeps):
     for pol in policies:
         pts = sorted((r for r in rows if r["sweep"] == sweep and r["policy"] == pol),
-                     key=lambda r: r["mean_peak_kv_fraction"])
+                     key=lambda r: r["mean_peak_state_fraction"])
         if not pts:
             continue
-        x = [r["mean_peak_kv_fraction"] for r in pts]
+        x = [r["mean_peak_state_fraction"] for r in pts]
         y = [r["pass@1"] for r in pts]
         err = [[max(0.0, r["pass@1"] - r["ci95"][0]) for r in pts], [max(0.0, r["ci95"][1] - r["pass@1"]) for r in pts]]
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=pol, color=colors[pol])
     ax.axhline(full["pass@1"], color="k", ls="--", lw=1, label="full KV")
     ax.axhline(0.1, color="gray", ls=":", lw=1, label="chance (1/10)")
     ax.set_title(f"sweep over {sweep}")
-    ax.set_xlabel("peak KV / full KV")
+    ax.set_xlabel("peak state (KV + ring/accumulator) / full KV")
 axes[0][0].set_ylabel("exact-answer accuracy (95% CI)")
 # one legend for the figure, naming every line drawn in any panel
 handles = {}
