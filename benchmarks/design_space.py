@@ -6,14 +6,16 @@ On loop-trace models (``rpc_py.tracemodel``; the shipped one and any trained wit
     softmax normalization (candidates | causal) x aggregation (all | group) x pooling kernel (5 | 7)
 
 runs as ``rpc_py.policies.Attention`` at the same schedule (so at exactly the same memory) at two memory
-levels (``--ratios``), next to H2O (the rule outside the space that wins at c=2 on the shipped model)
-and one point of the query-weighting knob (recency, half-life 8). The paper's RPC is the cell
+levels (``--ratios``), next to H2O (the rule outside the space that wins at c=2 on the shipped model),
+one point of the query-weighting knob (recency, half-life 8) and the other rules of the ablations
+(R-KV, TOVA, recent, random): on each model given, the headline comparisons and the factorial. The paper's RPC is the cell
 (candidates, all, 7) and SnapKV at decode the cell (causal, group, 5).
 
 Statistics: every cell is compared with RPC on the same problems (paired: exact two-sided McNemar
 on the discordant pairs); the p-values of every comparison in the run (all cells, both memory levels,
 every model) are adjusted together by Holm's step-down method, and only adjusted values are called
-significant. Accuracy intervals are 95% Wilson.
+significant. Accuracy intervals are 95% Wilson. With several models, ``agreement`` lists each cell's
+verdict against RPC on every model (above, below, no significant difference) and whether they agree.
 
 The mechanism (``--mechanism``): during RPC's own run, at every compression, the causal attention mass
 each window query puts on the candidates, per layer and KV head (a query whose mass on the candidates is
@@ -25,7 +27,8 @@ attention-based cell, the accumulator (Hkv x L float32 per layer) for H2O.
 
     python benchmarks/design_space.py --out benchmarks/results/design_space.json              # full
     python benchmarks/design_space.py --quick                                                  # seconds
-    python benchmarks/design_space.py --models shipped benchmarks/trace_models/seed1 ...       # several models
+    python benchmarks/design_space.py --models shipped benchmarks/trace_models/h32_seed1 ...   # several models
+    python benchmarks/design_space.py --merge a.json b.json --out all.json   # runs made in parallel, one model each
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ sys.path.insert(0, HERE)
 from rpc_py import RPCConfig  # noqa: E402
 from rpc_py._report import cpu_name  # noqa: E402
 from rpc_py.accuracy import Setting, evaluate, wilson_interval  # noqa: E402
-from rpc_py.policies import H2O, Attention  # noqa: E402
+from rpc_py.policies import H2O, RKV, TOVA, Attention, Random, Recent  # noqa: E402
 
 # Fresh problems: the shipped ablations use HELD_OUT_START .. +200, training seeds lie below
 # HELD_OUT_START and training monitors from 2e9; this range is used by nothing else.
@@ -54,8 +57,13 @@ FIRST_SEED = 1_000_100_000
 NORMS, AGGREGATIONS, KERNELS = ("candidates", "causal"), ("all", "group"), (5, 7)
 
 
-def cells() -> dict:
-    """name -> policy object, RPC first (the baseline of every comparison)."""
+#: the named rules of the ablations outside the factorial (SnapKV is its cell causal/group/k5, H2O is always run)
+BASELINES = ("rkv", "tova", "recent", "random")
+
+
+def cells(baselines: bool = True) -> dict:
+    """name -> policy object, RPC first (the baseline of every comparison); with ``baselines`` also
+    R-KV, TOVA, recent and random, so that each model gets the headline comparisons of the ablations."""
     out = {"rpc": Attention()}
     for norm, agg, k in itertools.product(NORMS, AGGREGATIONS, KERNELS):
         name = f"{norm}/{agg}/k{k}"
@@ -64,6 +72,8 @@ def cells() -> dict:
     out["causal/group/k5/recency"] = Attention(norm="causal", aggregation="group", kernel_size=5, weighting="recency",
                                                half_life=8.0)
     out["h2o"] = H2O()
+    if baselines:
+        out.update(rkv=RKV(), tova=TOVA(), recent=Recent(), random=Random())
     return out
 
 
@@ -109,14 +119,14 @@ class MassProbe(Attention):
         return super().scores(ctx)
 
 
-def state_bytes(model, rpc: RPCConfig, policy_name: str, peak_length: int) -> dict:
+def state_bytes(model, rpc: RPCConfig, policy, peak_length: int) -> dict:
     c = model.config
     layers, hq = c.num_hidden_layers, c.num_attention_heads
     hkv = getattr(c, "num_key_value_heads", hq)
     d = getattr(c, "head_dim", None) or c.hidden_size // hq
     kv = 2 * layers * hkv * d * 4 * peak_length
-    ring = 0 if policy_name == "h2o" else layers * hq * rpc.window * d * 4
-    acc = layers * hkv * peak_length * 4 if policy_name == "h2o" else 0
+    ring = layers * hq * rpc.window * d * 4 if policy.uses_queries else 0
+    acc = layers * hkv * peak_length * 4 if policy.uses_accumulators else 0
     return {"kv_bytes": kv, "ring_bytes": ring, "accumulator_bytes": acc, "total_bytes": kv + ring + acc,
             "total_over_kv": (kv + ring + acc) / kv}
 
@@ -134,7 +144,7 @@ def run_model(label, path, args, problems, max_new):
     print(f"[{label}] full KV pass@1 {out['full']['pass@1']:.3f}", flush=True)
     for ratio in args.ratios:
         level = {}
-        for name, policy in cells().items():
+        for name, policy in cells(args.baselines).items():
             rpc = RPCConfig(interval=args.interval, window=args.window, ratio=ratio, policy=policy)
             t0 = time.perf_counter()
             res = evaluate(model, tok, problems, [Setting(name, rpc)], batch_size=args.batch_size,
@@ -146,7 +156,7 @@ def run_model(label, path, args, problems, max_new):
             level[name] = {"correct": correct, "k": k, "n": len(correct), "pass@1": k / len(correct),
                            "ci95": wilson_interval(k, len(correct)),
                            "mean_peak_kv_fraction": s["mean_peak_kv_fraction"],
-                           "state": state_bytes(model, rpc, "h2o" if name == "h2o" else "attention", peak),
+                           "state": state_bytes(model, rpc, policy, peak),
                            "seconds": time.perf_counter() - t0}
             print(f"[{label}] c={ratio} {name:<26} {k:4d}/{len(correct)}  KV {s['mean_peak_kv_fraction']:.3f}  "
                   f"({level[name]['seconds']:.0f} s)", flush=True)
@@ -202,6 +212,41 @@ def compare(result) -> list[dict]:
     return rows
 
 
+def agreement(result) -> list[dict]:
+    """For each (memory level, cell): the verdict on every model (``+`` above RPC, ``-`` below, ``=`` no
+    Holm-significant difference) and whether the models agree."""
+    verdicts = {}
+    for r in result["comparisons"]:
+        v = "=" if not r["significant_holm_0.05"] else ("+" if r["cell_k"] > r["rpc_k"] else "-")
+        verdicts.setdefault((r["ratio"], r["cell"]), {})[r["model"]] = {"verdict": v, "cell_k": r["cell_k"],
+                                                                        "rpc_k": r["rpc_k"], "n": r["n"],
+                                                                        "p_holm": r["p_holm"]}
+    rows = []
+    for (ratio, cell), per_model in verdicts.items():
+        signs = {v["verdict"] for v in per_model.values()}
+        rows.append({"ratio": ratio, "cell": cell, "models": per_model,
+                     "agree": "all " + signs.pop() if len(signs) == 1 else "differ"})
+    return rows
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs of this script (one model each, say, run in parallel): the settings
+    must match; comparisons and agreement are recomputed over every model together."""
+    runs = [json.load(open(p)) for p in paths]
+    result = dict(runs[0], models={}, command=" ; ".join(r["command"] for r in runs),
+                  machines=[r["machine"] for r in runs])
+    for path, r in zip(paths, runs):
+        if r["settings"] != runs[0]["settings"]:
+            raise ValueError(f"{path}: settings {r['settings']} differ from {paths[0]}'s {runs[0]['settings']}")
+        for label, m in r["models"].items():
+            if label in result["models"]:
+                raise ValueError(f"{path}: model {label!r} is in more than one run")
+            result["models"][label] = m
+    result["comparisons"] = compare(result)
+    result["agreement"] = agreement(result)
+    return result
+
+
 def print_tables(result):
     for label, m in result["models"].items():
         print(f"\n{label}: full KV {m['full']['pass@1']:.3f}")
@@ -215,6 +260,18 @@ def print_tables(result):
                         vals.append(f"{level[name]['pass@1']:9.3f}")
                 print(f"  {norm:<10}" + " ".join(vals))
             print(f"  h2o {level['h2o']['pass@1']:.3f}   causal/group/k5/recency {level['causal/group/k5/recency']['pass@1']:.3f}")
+    labels = list(result["models"])
+    print("\nheadline, correct of n (95% Wilson), per model:")
+    for ratio in next(iter(result["models"].values()))["levels"]:
+        print(f"  c={ratio:<3}" + "".join(f"{lb:>22}" for lb in labels))
+        for name in ("rpc", "causal/group/k5", "h2o") + BASELINES:
+            cellv = [result["models"][lb]["levels"][ratio].get(name) for lb in labels]
+            print(f"  {name:<16}" + "".join(
+                f"{c['k']:>6} ({c['ci95'][0]:.2f}-{c['ci95'][1]:.2f})    " if c else f"{'-':>22}" for c in cellv))
+    print("\nverdict vs RPC per model (+ above, - below, = no Holm-significant difference):")
+    for a in result.get("agreement", []):
+        print(f"  c={a['ratio']:<2} {a['cell']:<26} " + " ".join(a["models"][lb]["verdict"] if lb in a["models"] else "?"
+                                                              for lb in labels) + f"   {a['agree']}")
     print("\npaired vs RPC (exact McNemar, Holm over all rows):")
     for r in result["comparisons"]:
         flag = "*" if r["significant_holm_0.05"] else " "
@@ -234,8 +291,18 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a few problems, one level: a smoke run")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="the factorial and H2O only (without R-KV, TOVA, recent, random)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs (same settings) into --out; runs nothing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.merge:
+        result = merge(args.merge)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f)
+        print_tables(result)
+        return result
     torch.set_num_threads(args.threads)
     from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, trace_length
 
@@ -255,6 +322,7 @@ def main(argv=None):
         label = "shipped" if path == "shipped" else os.path.basename(path.rstrip("/"))
         result["models"][label] = run_model(label, path, args, problems, max_new)
         result["comparisons"] = compare(result)
+        result["agreement"] = agreement(result)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f)

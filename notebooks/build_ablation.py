@@ -265,6 +265,36 @@ for row, (label, m) in enumerate(ds["models"].items()):
 fig.colorbar(im, ax=axes, shrink=0.8, label="exact-answer accuracy")
 plt.show()"""))
 
+cells.append(new_markdown_cell(r"""### The headline on every trained model
+
+The same comparisons on each trace model given to the run (the shipped one and the models trained from other
+seeds with `python -m rpc_py.tracemodel.train --seed N`; head size 32 for those, so that vLLM's CPU attention
+can run them too): correct answers of n with the 95% Wilson interval, then each rule's verdict against RPC on
+every model (paired, Holm-adjusted over every comparison of the run)."""))
+
+cells.append(new_code_cell(r"""labels = list(ds["models"])
+head = "| rule | " + " | ".join(f"{lb} c={lv}" for lv in levels for lb in labels) + " |"
+rows = [head, "|---" * (1 + len(levels) * len(labels)) + "|"]
+rows.append("| full KV | " + " | ".join(f"{ds['models'][lb]['full']['pass@1']:.0%}" for lv in levels for lb in labels) + " |")
+HEADLINE = ("rpc", "causal/group/k5", "h2o", "rkv", "tova", "recent", "random")
+names = {"causal/group/k5": "snapkv (causal/group/k5)"}
+for name in HEADLINE:
+    vals = []
+    for lv in levels:
+        for lb in labels:
+            c = ds["models"][lb]["levels"][lv].get(name)
+            vals.append(f"{c['k']}/{c['n']} ({c['ci95'][0]:.2f}-{c['ci95'][1]:.2f})" if c else "-")
+    rows.append(f"| {names.get(name, name)} | " + " | ".join(vals) + " |")
+display(Markdown("\n".join(rows)))
+agree = ds.get("agreement", [])
+if agree:
+    rows = ["| c | rule vs RPC | " + " | ".join(labels) + " | models |", "|---" * (3 + len(labels)) + "|"]
+    for a in agree:
+        rows.append(f"| {a['ratio']} | {a['cell']} | " + " | ".join(
+            (a["models"][lb]["verdict"] + f" {a['models'][lb]['cell_k']} vs {a['models'][lb]['rpc_k']}") if lb in a["models"] else "-"
+            for lb in labels) + f" | {a['agree']} |")
+    display(Markdown("+ above RPC, - below, = no significant difference after Holm\n\n" + "\n".join(rows)))"""))
+
 cells.append(new_code_cell(r"""mech = {label: m["mechanism"] for label, m in ds["models"].items() if "mechanism" in m}
 if mech:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -294,6 +324,19 @@ lines.append(f"* Significant after adjustment ({family}): {len(sig)} of {len(com
              "".join(f"\n  * {c['model']} c={c['ratio']} {c['cell']}: {c['cell_k']} vs RPC {c['rpc_k']}, "
                      f"{'above' if c['cell_k'] > c['rpc_k'] else '**below**'} RPC (p_holm = {c['p_holm']:.2g})"
                      for c in sig))
+if len(ds["models"]) > 1 and ds.get("agreement"):
+    word = {"+": "above RPC", "-": "below RPC", "=": "no significant difference"}
+    same = [a for a in ds["agreement"] if a["agree"] != "differ"]
+    differ = [a for a in ds["agreement"] if a["agree"] == "differ"]
+    same_sig = [a for a in same if a["agree"] != "all ="]
+    text = (f"* Across the {len(ds['models'])} models, {len(same)} of the {len(ds['agreement'])} comparisons with RPC get the "
+            "same verdict on every model")
+    if same_sig:
+        text += " (" + "; ".join(f"c={a['ratio']} {a['cell']} {word[a['agree'][-1]]}" for a in same_sig) + "; the rest no difference)"
+    text += f"; {len(differ)} differ" + (": " + "; ".join(
+        f"c={a['ratio']} {a['cell']} (" + ", ".join(f"{lb} {word[v['verdict']]}" for lb, v in a["models"].items()) + ")"
+        for a in differ) if differ else "") + "."
+    lines.append(text)
 one_knob = [c for c in comps if c["cell"] in ("causal/all/k7", "candidates/group/k7")]
 if one_knob:
     lines.append("* One knob at a time from RPC (kernel 7): " + "; ".join(
