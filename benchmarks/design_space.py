@@ -59,6 +59,8 @@ NORMS, AGGREGATIONS, KERNELS = ("candidates", "causal"), ("all", "group"), (5, 7
 
 #: the named rules of the ablations outside the factorial (SnapKV is its cell causal/group/k5, H2O is always run)
 BASELINES = ("rkv", "tova", "recent", "random")
+#: the comparisons of the ablations, on every model (``--cells headline``)
+HEADLINE = ("rpc", "causal/group/k5", "h2o") + BASELINES
 
 
 def cells(baselines: bool = True) -> dict:
@@ -144,7 +146,10 @@ def run_model(label, path, args, problems, max_new):
     print(f"[{label}] full KV pass@1 {out['full']['pass@1']:.3f}", flush=True)
     for ratio in args.ratios:
         level = {}
-        for name, policy in cells(args.baselines).items():
+        todo = cells(args.baselines)
+        if args.cells:
+            todo = {n: todo[n] for n in args.cells}
+        for name, policy in todo.items():
             rpc = RPCConfig(interval=args.interval, window=args.window, ratio=ratio, policy=policy)
             t0 = time.perf_counter()
             res = evaluate(model, tok, problems, [Setting(name, rpc)], batch_size=args.batch_size,
@@ -198,6 +203,8 @@ def compare(result) -> list[dict]:
     rows = []
     for label, m in result["models"].items():
         for ratio, level in m["levels"].items():
+            if "rpc" not in level:  # a run of other cells only (--cells), to be merged with RPC's
+                continue
             base = level["rpc"]["correct"]
             for name, cell in level.items():
                 if name == "rpc":
@@ -230,8 +237,10 @@ def agreement(result) -> list[dict]:
 
 
 def merge(paths: list[str]) -> dict:
-    """One result from several runs of this script (one model each, say, run in parallel): the settings
-    must match; comparisons and agreement are recomputed over every model together."""
+    """One result from several runs of this script (models or cells run in parallel, or cells added
+    later with ``--cells``): the settings must match; a model in several runs has its cells combined
+    (each cell from one run only, the full-KV answers identical); comparisons and agreement are
+    recomputed over everything together."""
     runs = [json.load(open(p)) for p in paths]
     result = dict(runs[0], models={}, command=" ; ".join(r["command"] for r in runs),
                   machines=[r["machine"] for r in runs])
@@ -239,18 +248,33 @@ def merge(paths: list[str]) -> dict:
         if r["settings"] != runs[0]["settings"]:
             raise ValueError(f"{path}: settings {r['settings']} differ from {paths[0]}'s {runs[0]['settings']}")
         for label, m in r["models"].items():
-            if label in result["models"]:
-                raise ValueError(f"{path}: model {label!r} is in more than one run")
-            result["models"][label] = m
+            have = result["models"].get(label)
+            if have is None:
+                result["models"][label] = json.loads(json.dumps(m))
+                continue
+            if have["full"]["correct"] != m["full"]["correct"]:
+                raise ValueError(f"{path}: model {label!r} gives other full-KV answers than in an earlier run")
+            for ratio, level in m["levels"].items():
+                into = have["levels"].setdefault(ratio, {})
+                for name, cell in level.items():
+                    if name in into:
+                        raise ValueError(f"{path}: model {label!r} c={ratio} cell {name!r} is in more than one run")
+                    into[name] = cell
+            if "mechanism" in m:
+                have.setdefault("mechanism", m["mechanism"])
     result["comparisons"] = compare(result)
     result["agreement"] = agreement(result)
     return result
 
 
 def print_tables(result):
+    factorial = ["rpc" if (n, a, k) == ("candidates", "all", 7) else f"{n}/{a}/k{k}"
+                 for n, a, k in itertools.product(NORMS, AGGREGATIONS, KERNELS)]
     for label, m in result["models"].items():
         print(f"\n{label}: full KV {m['full']['pass@1']:.3f}")
         for ratio, level in m["levels"].items():
+            if not all(name in level for name in factorial):
+                continue  # the factorial was not run on this model (--cells)
             print(f"  c={ratio}    k=5 all   k=5 group   k=7 all   k=7 group")
             for norm in NORMS:
                 vals = []
@@ -259,12 +283,11 @@ def print_tables(result):
                         name = "rpc" if (norm, agg, k) == ("candidates", "all", 7) else f"{norm}/{agg}/k{k}"
                         vals.append(f"{level[name]['pass@1']:9.3f}")
                 print(f"  {norm:<10}" + " ".join(vals))
-            print(f"  h2o {level['h2o']['pass@1']:.3f}   causal/group/k5/recency {level['causal/group/k5/recency']['pass@1']:.3f}")
     labels = list(result["models"])
     print("\nheadline, correct of n (95% Wilson), per model:")
     for ratio in next(iter(result["models"].values()))["levels"]:
         print(f"  c={ratio:<3}" + "".join(f"{lb:>22}" for lb in labels))
-        for name in ("rpc", "causal/group/k5", "h2o") + BASELINES:
+        for name in HEADLINE:
             cellv = [result["models"][lb]["levels"][ratio].get(name) for lb in labels]
             print(f"  {name:<16}" + "".join(
                 f"{c['k']:>6} ({c['ci95'][0]:.2f}-{c['ci95'][1]:.2f})    " if c else f"{'-':>22}" for c in cellv))
@@ -293,6 +316,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few problems, one level: a smoke run")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="the factorial and H2O only (without R-KV, TOVA, recent, random)")
+    p.add_argument("--cells", default=None, help="comma-separated cell names to run (default: every cell); "
+                   "'headline' = rpc, the SnapKV cell, h2o, rkv, tova, recent, random")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs (same settings) into --out; runs nothing")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -303,6 +328,13 @@ def main(argv=None):
                 json.dump(result, f)
         print_tables(result)
         return result
+    if args.cells:
+        args.cells = HEADLINE if args.cells == "headline" else tuple(args.cells.split(","))
+        unknown = [n for n in args.cells if n not in cells(True)]
+        if unknown:
+            p.error(f"--cells: unknown {unknown}; the cells are {list(cells(True))}")
+        if "rpc" not in args.cells:
+            args.mechanism = 0  # the probe is RPC's own run
     torch.set_num_threads(args.threads)
     from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, trace_length
 

@@ -47,7 +47,7 @@ def _result(models):
         for i in range(cell_only):
             cell[10 + i] = True
         level = {"rpc": {"correct": rpc, "k": sum(rpc), "n": 20}, "x": {"correct": cell, "k": sum(cell), "n": 20}}
-        out["models"][label] = {"levels": {"2": level}}
+        out["models"][label] = {"full": {"correct": [True] * 20}, "levels": {"2": level}}
     return out
 
 
@@ -82,5 +82,27 @@ def test_merge(tmp_path):
     bad.write_text(json.dumps(dict(_result({"m3": (0, 0)}), settings={"problems": 8}, command="x", machine={})))
     with pytest.raises(ValueError, match="bad.json: settings"):
         design_space.merge([str(paths[0]), str(bad)])
-    with pytest.raises(ValueError, match="model 'm1' is in more than one run"):
+    with pytest.raises(ValueError, match="model 'm1' c=2 cell 'rpc' is in more than one run"):
         design_space.merge([str(paths[0]), str(paths[0])])
+
+
+def test_merge_combines_cells_of_one_model(tmp_path):
+    """Cells of one model run separately (``--cells``) come together; the comparisons need RPC's run."""
+    settings = {"problems": 20, "ratios": [2]}
+    base = _result({"m": (10, 0)})
+    rpc_only = {"models": {"m": {"full": base["models"]["m"]["full"], "levels": {"2": {"rpc": base["models"]["m"]["levels"]["2"]["rpc"]}},
+                                 "mechanism": {"share_below_0.1": 0.5}}}}
+    x_only = {"models": {"m": {"full": base["models"]["m"]["full"], "levels": {"2": {"x": base["models"]["m"]["levels"]["2"]["x"]}}}}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, run in ((a, rpc_only), (b, x_only)):
+        path.write_text(json.dumps(dict(run, settings=settings, command=path.name, machine={})))
+    assert design_space.compare(x_only) == []  # no RPC in that run: nothing to compare with
+    merged = design_space.merge([str(a), str(b)])
+    assert sorted(merged["models"]["m"]["levels"]["2"]) == ["rpc", "x"]
+    assert merged["models"]["m"]["mechanism"] == {"share_below_0.1": 0.5}
+    (row,) = merged["comparisons"]
+    assert (row["cell"], row["cell_only"], row["rpc_only"]) == ("x", 10, 0)
+    x_only["models"]["m"]["full"] = {"correct": [False] * 20}
+    b.write_text(json.dumps(dict(x_only, settings=settings, command="b", machine={})))
+    with pytest.raises(ValueError, match="other full-KV answers"):
+        design_space.merge([str(a), str(b)])
