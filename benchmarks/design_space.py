@@ -27,7 +27,7 @@ attention-based cell, the accumulator (Hkv x L float32 per layer) for H2O.
 
     python benchmarks/design_space.py --out benchmarks/results/design_space.json              # full
     python benchmarks/design_space.py --quick                                                  # seconds
-    python benchmarks/design_space.py --models shipped benchmarks/trace_models/h32_seed1 ...   # several models
+    python benchmarks/design_space.py --models shipped benchmarks/trace_models/seed1 ...       # several models
     python benchmarks/design_space.py --merge a.json b.json --out all.json   # runs made in parallel, one model each
 """
 
@@ -302,6 +302,34 @@ def print_tables(result):
               f"(+{r['cell_only']}/-{r['rpc_only']})  p={r['p']:.2g}  p_holm={r['p_holm']:.2g}")
 
 
+def markdown(result) -> str:
+    """The headline table (correct of n, 95% Wilson, per model and level) and the verdict table, as
+    docs/ablations.md shows them: written from the results, never by hand."""
+    labels, out = list(result["models"]), []
+    levels = sorted({lv for m in result["models"].values() for lv in m["levels"]}, key=int)
+    out.append("| rule | " + " | ".join(f"{lb}, c={lv}" for lv in levels for lb in labels) + " |")
+    out.append("|---" * (1 + len(levels) * len(labels)) + "|")
+    out.append("| full KV | " + " | ".join(f"{result['models'][lb]['full']['pass@1']:.1%}" for lv in levels for lb in labels) + " |")
+    for name in HEADLINE:
+        vals = []
+        for lv in levels:
+            for lb in labels:
+                c = result["models"][lb]["levels"].get(lv, {}).get(name)
+                vals.append(f"{c['k']} ({c['ci95'][0]:.0%}-{c['ci95'][1]:.0%})" if c else "-")
+        label = "snapkv's cell (causal/group/k5)" if name == "causal/group/k5" else name
+        out.append(f"| {label} | " + " | ".join(vals) + " |")
+    out.append("")
+    out.append("| c | rule vs RPC | " + " | ".join(labels) + " | verdict |")
+    out.append("|---" * (3 + len(labels)) + "|")
+    for a in result.get("agreement", []):
+        cellv = []
+        for lb in labels:
+            v = a["models"].get(lb)
+            cellv.append(f"{v['verdict']} {v['cell_k']} vs {v['rpc_k']} (p_holm {v['p_holm']:.2g})" if v else "-")
+        out.append(f"| {a['ratio']} | {a['cell']} | " + " | ".join(cellv) + f" | {a['agree']} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["shipped"], help="'shipped' or trained model folders")
@@ -319,6 +347,7 @@ def main(argv=None):
     p.add_argument("--cells", default=None, help="comma-separated cell names to run (default: every cell); "
                    "'headline' = rpc, the SnapKV cell, h2o, rkv, tova, recent, random")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs (same settings) into --out; runs nothing")
+    p.add_argument("--markdown", action="store_true", help="with --merge: print the tables of docs/ablations.md")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.merge:
@@ -326,7 +355,7 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f)
-        print_tables(result)
+        print(markdown(result)) if args.markdown else print_tables(result)
         return result
     if args.cells:
         args.cells = HEADLINE if args.cells == "headline" else tuple(args.cells.split(","))

@@ -45,8 +45,6 @@ echo "   installed in $((SECONDS - t0)) s"
 mkdir -p "$SUITE/tests"
 cp -r "$REPO/tests/vllm_engine" "$SUITE/tests/"
 cp "$REPO/pyproject.toml" "$SUITE/"
-mkdir -p "$SUITE/benchmarks/trace_models"  # the trained head-size-32 trace model a test runs in vLLM
-cp -r "$REPO/benchmarks/trace_models/h32_seed1" "$SUITE/benchmarks/trace_models/"
 find "$SUITE" -name __pycache__ -prune -exec rm -rf {} +
 cd "$SUITE"
 "$VPY" - <<'EOF'

@@ -271,10 +271,9 @@ plt.show()"""))
 
 cells.append(new_markdown_cell(r"""### The headline on every trained model
 
-The same comparisons on each trace model given to the run (the shipped one and the models trained from other
-seeds with `python -m rpc_py.tracemodel.train --seed N`; head size 32 for those, so that vLLM's CPU attention
-can run them too): correct answers of n with the 95% Wilson interval, then each rule's verdict against RPC on
-every model (paired, Holm-adjusted over every comparison of the run)."""))
+The same comparisons on each trace model given to the run (the shipped one and models trained from other
+seeds with the same recipe, `python -m rpc_py.tracemodel.train --seed N`): correct answers of n with the 95%
+Wilson interval, then each rule's verdict against RPC on every model (paired, Holm-adjusted over every comparison of the run)."""))
 
 cells.append(new_code_cell(r"""labels = list(ds["models"])
 head = "| rule | " + " | ".join(f"{lb} c={lv}" for lv in levels for lb in labels) + " |"

@@ -106,3 +106,18 @@ def test_merge_combines_cells_of_one_model(tmp_path):
     b.write_text(json.dumps(dict(x_only, settings=settings, command="b", machine={})))
     with pytest.raises(ValueError, match="other full-KV answers"):
         design_space.merge([str(a), str(b)])
+
+
+def test_markdown_tables_come_from_the_result():
+    res = _result({"a": (10, 0), "b": (0, 0)})
+    for label in ("a", "b"):
+        m = res["models"][label]
+        m["full"]["pass@1"] = 1.0
+        for cell in m["levels"]["2"].values():
+            cell["ci95"] = (0.25, 0.75)
+    res["comparisons"] = design_space.compare(res)
+    res["agreement"] = design_space.agreement(res)
+    text = design_space.markdown(res)
+    assert "| rule | a, c=2 | b, c=2 |" in text
+    assert "| rpc | 10 (25%-75%) | 10 (25%-75%) |" in text
+    assert "| 2 | x | + 20 vs 10" in text and "| differ |" in text
