@@ -8,8 +8,8 @@ On loop-trace models (``rpc_py.tracemodel``; the shipped one and any trained wit
 runs as ``rpc_py.policies.Attention`` at the same schedule (so at exactly the same memory) at two memory
 levels (``--ratios``), next to H2O (the rule outside the space that wins at c=2 on the shipped model),
 one point of the query-weighting knob (recency, half-life 8) and the other rules of the ablations
-(R-KV, TOVA, recent, random): on each model given, the headline comparisons and the factorial. The paper's RPC is the cell
-(candidates, all, 7) and SnapKV at decode the cell (causal, group, 5).
+(R-KV, TOVA, recent, random): on each model given, the headline comparisons and the factorial. The
+paper's RPC is the cell (candidates, all, 7) and SnapKV at decode the cell (causal, group, 5).
 
 Statistics: every cell is compared with RPC on the same problems (paired: exact two-sided McNemar
 on the discordant pairs); the p-values of every comparison in the run (all cells, both memory levels,

@@ -117,4 +117,3 @@ def test_smollm2_requests_equal_rpc_py_generate():
             assert_same_positions(kept(llm, f"smol-{i}"), positions, f"smol-{i}")
     finally:
         close(llm)
-
