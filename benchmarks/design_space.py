@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ sys.path.insert(0, HERE)
 
 from rpc_py import RPCConfig  # noqa: E402
 from rpc_py._report import cpu_name  # noqa: E402
-from rpc_py.accuracy import Setting, evaluate, wilson_interval  # noqa: E402
+from rpc_py.accuracy import Setting, evaluate, holm, mcnemar_exact, wilson_interval  # noqa: E402
 from rpc_py.policies import H2O, RKV, TOVA, Attention, Random, Recent  # noqa: E402
 
 # Fresh problems: the shipped ablations use HELD_OUT_START .. +200, training seeds lie below
@@ -63,41 +62,24 @@ BASELINES = ("rkv", "tova", "recent", "random")
 HEADLINE = ("rpc", "causal/group/k5", "h2o") + BASELINES
 
 
+def cell_name(norm: str, aggregation: str, kernel: int) -> str:
+    """A factorial cell's name; RPC's own cell is "rpc"."""
+    return "rpc" if (norm, aggregation, kernel) == ("candidates", "all", 7) else f"{norm}/{aggregation}/k{kernel}"
+
+
 def cells(baselines: bool = True) -> dict:
     """name -> policy object, RPC first (the baseline of every comparison); with ``baselines`` also
     R-KV, TOVA, recent and random, so that each model gets the headline comparisons of the ablations."""
     out = {"rpc": Attention()}
     for norm, agg, k in itertools.product(NORMS, AGGREGATIONS, KERNELS):
-        name = f"{norm}/{agg}/k{k}"
-        if (norm, agg, k) != ("candidates", "all", 7):
-            out[name] = Attention(norm=norm, aggregation=agg, kernel_size=k)
+        if cell_name(norm, agg, k) != "rpc":
+            out[cell_name(norm, agg, k)] = Attention(norm=norm, aggregation=agg, kernel_size=k)
     out["causal/group/k5/recency"] = Attention(norm="causal", aggregation="group", kernel_size=5, weighting="recency",
                                                half_life=8.0)
     out["h2o"] = H2O()
     if baselines:
         out.update(rkv=RKV(), tova=TOVA(), recent=Recent(), random=Random())
     return out
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts (binomial, p = 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment (family-wise error), in the input order."""
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 class MassProbe(Attention):
@@ -144,11 +126,11 @@ def run_model(label, path, args, problems, max_new):
                     progress=False)
     out["full"] = {"pass@1": full["summary"][0]["pass@1"], "correct": [r["correct"] for r in full["records"]]}
     print(f"[{label}] full KV pass@1 {out['full']['pass@1']:.3f}", flush=True)
+    todo = cells(args.baselines)
+    if args.cells:
+        todo = {n: todo[n] for n in args.cells}
     for ratio in args.ratios:
         level = {}
-        todo = cells(args.baselines)
-        if args.cells:
-            todo = {n: todo[n] for n in args.cells}
         for name, policy in todo.items():
             rpc = RPCConfig(interval=args.interval, window=args.window, ratio=ratio, policy=policy)
             t0 = time.perf_counter()
@@ -268,8 +250,7 @@ def merge(paths: list[str]) -> dict:
 
 
 def print_tables(result):
-    factorial = ["rpc" if (n, a, k) == ("candidates", "all", 7) else f"{n}/{a}/k{k}"
-                 for n, a, k in itertools.product(NORMS, AGGREGATIONS, KERNELS)]
+    factorial = [cell_name(*c) for c in itertools.product(NORMS, AGGREGATIONS, KERNELS)]
     for label, m in result["models"].items():
         print(f"\n{label}: full KV {m['full']['pass@1']:.3f}")
         for ratio, level in m["levels"].items():
@@ -280,8 +261,7 @@ def print_tables(result):
                 vals = []
                 for k in KERNELS:
                     for agg in AGGREGATIONS:
-                        name = "rpc" if (norm, agg, k) == ("candidates", "all", 7) else f"{norm}/{agg}/k{k}"
-                        vals.append(f"{level[name]['pass@1']:9.3f}")
+                        vals.append(f"{level[cell_name(norm, agg, k)]['pass@1']:9.3f}")
                 print(f"  {norm:<10}" + " ".join(vals))
     labels = list(result["models"])
     print("\nheadline, correct of n (95% Wilson), per model:")

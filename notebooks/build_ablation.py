@@ -150,28 +150,15 @@ else:
 
 cells.append(new_markdown_cell(r"""## Interpretation (computed from the numbers above)"""))
 
-cells.append(new_code_cell(r"""from math import comb
-from IPython.display import Markdown
+cells.append(new_code_cell(r"""from IPython.display import Markdown
+
+from rpc_py.accuracy import holm, mcnemar_exact  # Holm's step-down adjustment; exact two-sided McNemar
 
 def mcnemar_p(a, b):
-    # exact two-sided McNemar test on paired outcomes (same problems, same schedule)
+    # paired outcomes (same problems, same schedule): the discordant counts, then the exact test
     ra = {x["problem"]: x["correct"] for x in a["records"]}
     rb = {x["problem"]: x["correct"] for x in b["records"]}
-    n01 = sum(1 for k in ra if ra[k] and not rb[k]); n10 = sum(1 for k in ra if rb[k] and not ra[k])
-    n = n01 + n10
-    if n == 0:
-        return 1.0
-    k = min(n01, n10)
-    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-def holm(ps):
-    # Holm's step-down adjustment of a family of p-values (family-wise error rate), input order kept
-    order = sorted(range(len(ps)), key=lambda i: ps[i])
-    out, running = [0.0] * len(ps), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
-        out[i] = running
-    return out
+    return mcnemar_exact(sum(1 for k in ra if ra[k] and not rb[k]), sum(1 for k in ra if rb[k] and not ra[k]))
 
 lines = [f"* Full KV: {full['pass@1']:.1%} exact answers (chance is 10%)."]
 comparisons = []  # every paired comparison shown below: one family for the adjustment
@@ -236,17 +223,16 @@ the query-weighting knob, on every trained loop-trace model it is given. Every c
 the same problems (exact McNemar), and all those p-values are Holm-adjusted together. The mechanism: during
 RPC's own run, the share of its attention each window query puts on the candidates."""))
 
-cells.append(new_code_cell(r"""if QUICK:
-    import design_space
+cells.append(new_code_cell(r"""import design_space
+from design_space import AGGREGATIONS as AGGS, KERNELS as KS, NORMS, cell_name
+
+if QUICK:
     ds_out = Path(tempfile.mkdtemp()) / "design_space.json"
     design_space.main(["--quick", "--out", str(ds_out)])
     ds = json.loads(ds_out.read_text())
 else:
     ds = json.loads((ROOT / "benchmarks" / "results" / "design_space.json").read_text())
 print("command:", ds["command"]); print("machine:", ds["machine"]); print("settings:", ds["settings"])
-NORMS, AGGS, KS = ("candidates", "causal"), ("all", "group"), (5, 7)
-def cell_name(norm, agg, k):
-    return "rpc" if (norm, agg, k) == ("candidates", "all", 7) else f"{norm}/{agg}/k{k}"
 levels = sorted({lv for m in ds["models"].values() for lv in m["levels"]}, key=int)
 FACTORIAL = [cell_name(nm, ag, k) for nm in NORMS for ag in AGGS for k in KS]
 full_factorial = {label: m for label, m in ds["models"].items()

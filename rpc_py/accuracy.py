@@ -42,6 +42,8 @@ __all__ = [
     "summarize",
     "format_table",
     "wilson_interval",
+    "mcnemar_exact",
+    "holm",
     "main",
 ]
 
@@ -307,6 +309,27 @@ def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
     # Analytically the interval contains p and ends at exactly 1 when k == n (0 when k == 0); in
     # floating point the bound can land an ulp inside, which plotting code reads as a negative error.
     return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of paired outcomes from the discordant counts: ``b`` pairs where
+    only the first setting is right, ``c`` where only the second is (binomial, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (family-wise error rate), in the input order."""
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _bootstrap_interval(per_problem: list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float]:

@@ -1,6 +1,7 @@
-"""The statistics of benchmarks/design_space.py: the exact McNemar test, Holm's adjustment, the verdict of
-each comparison across models, and the merge of runs made in parallel (checked against hand-computed
-values and brute-force enumeration, not against the formulas the script uses)."""
+"""The statistics of the ablations (``rpc_py.accuracy``: the exact McNemar test, Holm's adjustment) and
+of benchmarks/design_space.py (the verdict of each comparison across models, the merge of runs made in
+parallel), checked against hand-computed values and brute-force enumeration, not against the formulas
+the code uses."""
 
 import itertools
 import json
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import design_space  # noqa: E402
+from rpc_py import accuracy  # noqa: E402
 
 
 def _mcnemar_by_enumeration(b, c):
@@ -26,14 +28,14 @@ def _mcnemar_by_enumeration(b, c):
 
 @pytest.mark.parametrize("b,c", [(0, 0), (0, 1), (3, 10), (7, 7), (12, 1), (5, 6), (0, 14)])
 def test_mcnemar_matches_enumeration(b, c):
-    assert design_space.mcnemar_exact(b, c) == pytest.approx(_mcnemar_by_enumeration(b, c), abs=1e-12)
+    assert accuracy.mcnemar_exact(b, c) == pytest.approx(_mcnemar_by_enumeration(b, c), abs=1e-12)
 
 
 def test_holm_hand_computed():
     # sorted: 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> kept monotone: 0.06
-    assert design_space.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert design_space.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
-    assert design_space.holm([]) == []
+    assert accuracy.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert accuracy.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert accuracy.holm([]) == []
 
 
 def _result(models):
