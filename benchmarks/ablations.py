@@ -225,6 +225,20 @@ def markdown(path: str) -> int:
             cells = [f"{here[p]['delta_nll']:+.3f} ({here[p]['delta_ci95'][0]:+.3f}, {here[p]['delta_ci95'][1]:+.3f})"
                      if p in here else "" for p in pols]
             print(f"| {pt} | {kv:.2f} | " + " | ".join(cells) + " |")
+    paired = res.get("realtext", {}).get("paired")
+    if paired:
+        others = list(dict.fromkeys(d["b"] for d in paired))
+        d0 = paired[0]
+        print(f"\nRPC minus each policy, NLL per token after the first compression, paired on the same tokens "
+              f"({d0['texts']} texts, {d0['tokens']} tokens; mean, 95% block-bootstrap interval within each text, "
+              f"Holm-adjusted p over all {len(paired)} comparisons)\n")
+        print("| schedule | " + " | ".join(f"rpc - {o}" for o in others) + " |")
+        print("|---|" + "---|" * len(others))
+        for pt in dict.fromkeys(d["point"] for d in paired):
+            here = {d["b"]: d for d in paired if d["point"] == pt}
+            cells = [f"{here[o]['mean_diff']:+.4f} ({here[o]['ci95'][0]:+.4f}, {here[o]['ci95'][1]:+.4f}), "
+                     f"p={here[o]['p_holm']:.2g}" if o in here else "" for o in others]
+            print(f"| {pt} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -15,6 +15,11 @@ most 4 iterations, then up to 24 (``--phases``), so that the arithmetic with the
 learnt on short traces first. The loss covers the trace and ``</s>`` only (the prompt is random and not
 predicted). Float32: bfloat16 autocast was not faster for a model this small on CPU.
 
+A run longer than one sitting: ``--max-minutes M`` stops it with a checkpoint (``resume.pt`` beside the
+weights: optimizer state, step, data order, RNG; also written at every ``--eval-every``, so a killed
+run loses at most that many steps), and the same command with ``--resume`` continues it to exactly the
+weights of an uninterrupted run (tested); ``training.json`` says ``"complete"`` and lists every command.
+
 The shipped model: ``python -m rpc_py.tracemodel.train --out rpc_py/tracemodel/weights`` (the
 defaults; ``weights/training.json`` records the arguments, the time, the machine and the loss curve;
 it was monitored on the first 8 held-out seeds, which later runs keep apart: ``MONITOR_START``).
@@ -145,6 +150,27 @@ def save(model, tokenizer, out: str) -> None:
     model.generation_config.save_pretrained(out)
 
 
+RESUME_FILE = "resume.pt"
+_NOT_RUN_ARGS = ("threads", "max_minutes", "resume", "log_every")
+
+
+def _run_args(args) -> dict:
+    """The arguments that define a run (a resumed run must repeat them)."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_RUN_ARGS}
+
+
+def _load_resume(args) -> dict:
+    path = os.path.join(args.out, RESUME_FILE)
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no checkpoint {path} (the run finished, or never reached a checkpoint)")
+    state = torch.load(path, weights_only=False)
+    differ = {k: (v, state["args"].get(k)) for k, v in _run_args(args).items() if state["args"].get(k) != v}
+    if differ:
+        raise SystemExit("--resume: arguments differ from the run's own: "
+                         + ", ".join(f"--{k.replace('_', '-')} {new} (run: {old})" for k, (new, old) in differ.items()))
+    return state
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rpc_py.tracemodel.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
@@ -164,12 +190,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--induction-steps", type=int, default=400,
                    help="warm-up steps on the repeated-sequence recall task before the loop traces")
-    p.add_argument("--init", default=None, help="start from the weights in this folder (continue a run)")
+    p.add_argument("--init", default=None, help="start from the weights in this folder (a new schedule from step 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where it stopped (--max-minutes or a killed process): "
+                        "weights, optimizer, step and data order from its last checkpoint; the other "
+                        "arguments must be the run's own (--threads, --max-minutes may differ)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (not faster than float32 for the default size on the 2-core CPU it was trained on)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop early (the schedule still ends at --steps)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop early, resumable with --resume (the schedule still ends at --steps)")
     args = p.parse_args(argv)
+    state = _load_resume(args) if args.resume else None
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -182,7 +214,8 @@ def main(argv=None) -> int:
 
     tokenizer = build_tokenizer()
     config = model_config(tokenizer, args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads)
-    model = LlamaForCausalLM(config) if args.init is None else LlamaForCausalLM.from_pretrained(args.init)
+    init = args.out if state is not None else args.init
+    model = LlamaForCausalLM(config) if init is None else LlamaForCausalLM.from_pretrained(init)
     model.set_attn_implementation("sdpa")
     model.train()
     n_params = sum(t.numel() for t in model.parameters())
@@ -202,9 +235,30 @@ def main(argv=None) -> int:
     log = []
     t0 = time.time()
     tokens_seen = 0
+    first_step, minutes_before, commands = 0, 0.0, []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        first_step, tokens_seen, log = state["step"], state["tokens"], state["log"]
+        minutes_before, commands = state["minutes"], state["commands"]
+        t0 -= 60 * minutes_before  # elapsed time counts every part of the run
+        print(f"resuming {args.out} at step {first_step} ({minutes_before:.1f} min so far)", flush=True)
+    command = "python -m rpc_py.tracemodel.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = commands + [command]
+    t_start = time.time()
+
+    def checkpoint(next_step):
+        save(model, tokenizer, args.out)
+        torch.save({"step": next_step, "optimizer": opt.state_dict(), "rng": rng.getstate(),
+                    "torch_rng": torch.get_rng_state(), "tokens": tokens_seen, "log": log,
+                    "minutes": (time.time() - t0) / 60, "commands": commands, "args": _run_args(args)},
+                   os.path.join(args.out, RESUME_FILE))
+
     print(f"params {n_params / 1e6:.2f}M, {args.steps} steps, {args.tokens_per_batch} tokens/batch, "
           f"threads {args.threads}, bf16 {args.bf16}", flush=True)
-    for step in range(args.steps):
+    step = first_step - 1  # the last step done
+    for step in range(first_step, args.steps):
         max_it = phase_max_iterations(step, args.steps, phases)
         # One length bucket per batch (little padding): iterations uniform in [lo, hi].
         hi = rng.randint(1, max_it)
@@ -236,15 +290,21 @@ def main(argv=None) -> int:
             print(f"  eval (teacher-forced, 12-20 iterations): token acc {tok_acc:.4f}, exact traces {seq_acc:.3f}",
                   flush=True)
             log[-1].update(token_acc=tok_acc, exact_traces=seq_acc)
-            save(model, tokenizer, args.out)  # a checkpoint at every evaluation
-        if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
-            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            if step < args.steps - 1:
+                checkpoint(step + 1)  # a resumable checkpoint at every evaluation
+        if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes and step < args.steps - 1:
+            checkpoint(step + 1)
+            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached; continue with the same "
+                  f"arguments and --resume", flush=True)
             break
 
+    complete = step >= args.steps - 1
     model.eval()
     save(model, tokenizer, args.out)
+    if complete and os.path.exists(os.path.join(args.out, RESUME_FILE)):
+        os.remove(os.path.join(args.out, RESUME_FILE))  # the run is complete: nothing to resume
     with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump({"command": "python -m rpc_py.tracemodel.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        json.dump({"command": " ; ".join(commands), "complete": complete, "steps_done": step + 1,
                    "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version()},
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "args": vars(args), "params": n_params, "minutes": (time.time() - t0) / 60,

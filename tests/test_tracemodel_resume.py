@@ -1,0 +1,55 @@
+"""A training run stopped by --max-minutes and continued with --resume ends with exactly the weights of
+an uninterrupted run (optimizer state, step, data order and RNG all restored)."""
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+safetensors = pytest.importorskip("safetensors.torch")
+
+from rpc_py.tracemodel import train  # noqa: E402
+
+TINY = ["--layers", "1", "--hidden", "32", "--intermediate", "64", "--heads", "2", "--kv-heads", "1",
+        "--tokens-per-batch", "256", "--induction-steps", "2", "--warmup", "2", "--steps", "6",
+        "--eval-every", "100", "--threads", "1", "--log-every", "1"]
+
+
+def _weights(folder):
+    return safetensors.load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    straight, parts = str(tmp_path / "straight"), str(tmp_path / "parts")
+    assert train.main(["--out", straight] + TINY) == 0
+    # --max-minutes 0 stops after the first step, leaving a resumable checkpoint
+    assert train.main(["--out", parts, "--max-minutes", "0"] + TINY) == 0
+    assert os.path.exists(os.path.join(parts, train.RESUME_FILE))
+    with open(os.path.join(parts, "training.json")) as f:
+        rec = json.load(f)
+    assert rec["complete"] is False and rec["steps_done"] == 1
+    assert train.main(["--out", parts, "--resume"] + TINY) == 0
+    assert not os.path.exists(os.path.join(parts, train.RESUME_FILE))
+    a, b = _weights(straight), _weights(parts)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with open(os.path.join(parts, "training.json")) as f:
+        rec = json.load(f)
+    assert rec["complete"] is True and rec["steps_done"] == 6
+    assert rec["command"].count("python -m rpc_py.tracemodel.train") == 2
+    with open(os.path.join(straight, "training.json")) as f:
+        ref = json.load(f)
+    assert [e["loss"] for e in rec["log"]] == [e["loss"] for e in ref["log"]]
+
+
+def test_resume_refuses_other_arguments_and_missing_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(["--out", out, "--resume"] + TINY)
+    assert train.main(["--out", out, "--max-minutes", "0"] + TINY) == 0
+    other = [("0.004" if a == "3e-3" else a) for a in TINY] + ["--lr", "0.004"]
+    with pytest.raises(SystemExit, match="--lr 0.004"):
+        train.main(["--out", out, "--resume"] + other)
