@@ -111,13 +111,16 @@ def nll_summary(nll: torch.Tensor, full: torch.Tensor, first_step: int) -> dict:
 
 def paired_difference(nll_a, nll_b, first_step: int, rounds: int = 4000, seed: int = 0) -> dict:
     """Policy A vs policy B on the same tokens: the mean per-token NLL difference A - B after the first
-    compression, its 95% interval and a two-sided bootstrap p-value (block bootstrap within each text)."""
+    compression, its 95% interval and a two-sided bootstrap p-value (block bootstrap within each text;
+    ``(k + 1) / (rounds + 1)`` per tail, so the smallest reportable p is ``2 / (rounds + 1)``)."""
     a = torch.as_tensor(nll_a, dtype=torch.float64)[:, first_step:]
     b = torch.as_tensor(nll_b, dtype=torch.float64)[:, first_step:]
     diff = (a - b).tolist()
     means = sorted(_block_bootstrap(diff, 32, rounds, seed))
     mean = float((a - b).mean())
-    below = sum(1 for m in means if m <= 0) / rounds
-    above = sum(1 for m in means if m >= 0) / rounds
+    below = sum(1 for m in means if m <= 0)
+    above = sum(1 for m in means if m >= 0)
+    # two-sided, with the add-one correction: never 0, at least 2 / (rounds + 1) (the test's resolution)
+    p = min(1.0, 2 * (min(below, above) + 1) / (rounds + 1))
     return {"mean_diff": mean, "ci95": [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]],
-            "p_bootstrap": min(1.0, 2 * min(below, above)), "tokens": int(a.numel()), "texts": int(a.shape[0])}
+            "p_bootstrap": p, "rounds": rounds, "tokens": int(a.numel()), "texts": int(a.shape[0])}

@@ -198,7 +198,8 @@ if rt.get("paired"):
                    ("RPC better" if d["mean_diff"] < 0 else "**RPC worse**"))
         lines.append(f"* Real text, {d['point']}: NLL per token, RPC minus {d['b']}: {d['mean_diff']:+.4f} "
                      f"[{lo:+.4f}, {hi:+.4f}] over {d['texts']} texts, paired per token (block bootstrap within "
-                     f"each text), Holm-adjusted p = {d['p_holm']:.2g}: {verdict}.")
+                     f"each text), Holm-adjusted over the {len(rt['paired'])} real-text comparisons (a family of "
+                     f"its own: another model, another measure) p = {d['p_holm']:.2g}: {verdict}.")
 elif "settings" in rt:
     rr = list(rt["settings"].values())
     for point in dict.fromkeys(r["point"] for r in rr):
