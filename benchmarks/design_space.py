@@ -225,7 +225,7 @@ def merge(paths: list[str]) -> dict:
     recomputed over everything together."""
     runs = [json.load(open(p)) for p in paths]
     result = dict(runs[0], models={}, command=" ; ".join(r["command"] for r in runs),
-                  machines=[r["machine"] for r in runs])
+                  machines=[m for r in runs for m in r.get("machines", [r["machine"]])])  # a merged input keeps its list
     for path, r in zip(paths, runs):
         if r["settings"] != runs[0]["settings"]:
             raise ValueError(f"{path}: settings {r['settings']} differ from {paths[0]}'s {runs[0]['settings']}")

@@ -80,6 +80,16 @@ def test_merge(tmp_path):
     assert list(merged["models"]) == ["m1", "m2"]
     assert len(merged["comparisons"]) == 2 and merged["agreement"][0]["agree"] == "differ"
     assert merged["command"] == "run m1 ; run m2"
+    assert merged["machines"] == [{"threads": 1}, {"threads": 1}]
+    # a merged result is itself an input (a model added later): its command and machine lists carry over
+    again = tmp_path / "merged.json"
+    again.write_text(json.dumps(merged))
+    m3 = tmp_path / "m3.json"
+    m3.write_text(json.dumps(dict(_result({"m3": (0, 4)}), settings=settings, command="run m3", machine={"threads": 2})))
+    more = design_space.merge([str(again), str(m3)])
+    assert list(more["models"]) == ["m1", "m2", "m3"] and len(more["comparisons"]) == 3
+    assert more["command"] == "run m1 ; run m2 ; run m3"
+    assert more["machines"] == [{"threads": 1}, {"threads": 1}, {"threads": 2}]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(_result({"m3": (0, 0)}), settings={"problems": 8}, command="x", machine={})))
     with pytest.raises(ValueError, match="bad.json: settings"):
