@@ -287,24 +287,26 @@ def main(argv=None) -> int:
             print(f"step {step:5d}  loss {loss.item():.4f}  max_it {max_it:3d}  batch {batch:3d}x{ids.shape[1]:4d}  "
                   f"lr {lr_at(step):.2e}  {tokens_seen / el:.0f} tok/s  {el / 60:.1f} min", flush=True)
             log.append({"step": step, "loss": loss.item(), "minutes": el / 60})
-        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+        last = step == args.steps - 1
+        evaluated = (step + 1) % args.eval_every == 0 or last
+        if evaluated:
             tok_acc, seq_acc = teacher_forced_accuracy(model, tokenizer, eval_spec, eval_seeds)
             print(f"  eval (teacher-forced, 12-20 iterations): token acc {tok_acc:.4f}, exact traces {seq_acc:.3f}",
                   flush=True)
             log[-1].update(token_acc=tok_acc, exact_traces=seq_acc)
-            if step < args.steps - 1:
-                checkpoint(step + 1)  # a resumable checkpoint at every evaluation
-        if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes and step < args.steps - 1:
-            checkpoint(step + 1)
+        stop = not last and args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
+        if not last and (evaluated or stop):
+            checkpoint(step + 1)  # resumable: at every evaluation and where --max-minutes stops the run
+        if stop:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached; continue with the same "
                   f"arguments and --resume", flush=True)
             break
 
     complete = step >= args.steps - 1
-    model.eval()
-    save(model, tokenizer, args.out)
-    if complete and os.path.exists(os.path.join(args.out, RESUME_FILE)):
-        os.remove(os.path.join(args.out, RESUME_FILE))  # the run is complete: nothing to resume
+    if complete:  # a stopped run's weights were just written by its checkpoint
+        save(model, tokenizer, args.out)
+        if os.path.exists(os.path.join(args.out, RESUME_FILE)):
+            os.remove(os.path.join(args.out, RESUME_FILE))  # nothing left to resume
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({"command": " ; ".join(commands), "complete": complete, "steps_done": step + 1,
                    "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "python": platform.python_version()},
