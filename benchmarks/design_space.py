@@ -53,6 +53,7 @@ from rpc_py.policies import H2O, RKV, TOVA, Attention, Random, Recent  # noqa: E
 # Fresh problems: the shipped ablations use HELD_OUT_START .. +200, training seeds lie below
 # HELD_OUT_START and training monitors from 2e9; this range is used by nothing else.
 FIRST_SEED = 1_000_100_000
+DEFAULT_ITERATIONS = (12, 20)  # rpc_py.tracemodel.EVAL_SPEC, the family every trained model learnt
 NORMS, AGGREGATIONS, KERNELS = ("candidates", "causal"), ("all", "group"), (5, 7)
 
 
@@ -224,6 +225,8 @@ def merge(paths: list[str]) -> dict:
     (each cell from one run only, the full-KV answers identical); comparisons and agreement are
     recomputed over everything together."""
     runs = [json.load(open(p)) for p in paths]
+    for r in runs:  # runs from before --iterations used the shipped family
+        r["settings"].setdefault("iterations", list(DEFAULT_ITERATIONS))
     result = dict(runs[0], models={}, command=" ; ".join(r["command"] for r in runs),
                   machines=[m for r in runs for m in r.get("machines", [r["machine"]])])  # a merged input keeps its list
     for path, r in zip(paths, runs):
@@ -318,6 +321,10 @@ def main(argv=None):
     p.add_argument("--interval", type=int, default=64)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--iterations", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="loop lengths of the problems (default: the shipped family, 12 20); longer loops give "
+                        "longer traces, e.g. 40 48 for ~1,100-1,300 generated tokens (a model trained on them: "
+                        "benchmarks/trace_models/long48)")
     p.add_argument("--mechanism", type=int, default=100, help="problems for the mechanism probe (0: skip)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
@@ -347,7 +354,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, trace_length
 
-    spec = EVAL_SPEC
+    spec = EVAL_SPEC if args.iterations is None else TaskSpec(iterations=tuple(args.iterations))
     if args.quick:  # short traces, a short schedule: a smoke run of every code path (the notebook's CI run)
         args.problems, args.ratios, args.mechanism, args.batch_size = 8, [2], 4, 8
         args.interval, args.window, spec = 32, 16, TaskSpec(iterations=(6, 10))
@@ -357,7 +364,8 @@ def main(argv=None):
               "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
               "settings": {"problems": args.problems, "first_seed": args.first_seed, "interval": args.interval,
-                           "window": args.window, "ratios": args.ratios, "max_new_tokens": max_new},
+                           "window": args.window, "ratios": args.ratios, "iterations": list(spec.iterations),
+                           "max_new_tokens": max_new},
               "models": {}}
     for path in args.models:
         label = "shipped" if path == "shipped" else os.path.basename(path.rstrip("/"))

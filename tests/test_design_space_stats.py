@@ -96,6 +96,16 @@ def test_merge(tmp_path):
         design_space.merge([str(paths[0]), str(bad)])
     with pytest.raises(ValueError, match="model 'm1' c=2 cell 'rpc' is in more than one run"):
         design_space.merge([str(paths[0]), str(paths[0])])
+    # runs from before --iterations used the shipped family: they merge with one that records it ...
+    m4 = tmp_path / "m4.json"
+    m4.write_text(json.dumps(dict(_result({"m4": (0, 1)}), settings=dict(settings, iterations=[12, 20]),
+                                  command="run m4", machine={})))
+    assert design_space.merge([str(paths[0]), str(m4)])["settings"]["iterations"] == [12, 20]
+    # ... and not with a run on longer loops
+    m4.write_text(json.dumps(dict(_result({"m4": (0, 1)}), settings=dict(settings, iterations=[40, 48]),
+                                  command="run m4", machine={})))
+    with pytest.raises(ValueError, match="m4.json: settings"):
+        design_space.merge([str(paths[0]), str(m4)])
 
 
 def test_merge_combines_cells_of_one_model(tmp_path):

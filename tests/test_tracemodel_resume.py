@@ -61,3 +61,27 @@ def test_resume_refuses_other_arguments_and_missing_checkpoint(tmp_path):
     assert train.main(["--out", out, "--max-minutes", "0"] + TINY) == 0
     with pytest.raises(SystemExit, match="--lr 0.004"):
         train.main(["--out", out, "--resume"] + TINY + ["--lr", "0.004"])
+
+
+def test_long_trace_options_are_checked_and_old_checkpoints_resume(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="--min-iterations"):
+        train.main(["--out", out, "--min-iterations", "0"] + TINY)
+    for bad in ("12", "20:12", "a:b", "0:4"):
+        with pytest.raises(SystemExit, match="--monitor-iterations"):
+            train.main(["--out", out, "--monitor-iterations", bad] + TINY)
+    # a checkpoint written before these options existed has no entry for them: it still resumes
+    assert train.main(["--out", out, "--max-minutes", "0"] + TINY) == 0
+    path = os.path.join(out, train.RESUME_FILE)
+    state = torch.load(path, weights_only=False)
+    for key in ("min_iterations", "monitor_iterations"):
+        del state["args"][key]
+    torch.save(state, path)
+    assert train.main(["--out", out, "--resume"] + TINY) == 0
+    # long-trace training from a checkpoint: batches of 3-4 iterations only, monitored on 5-6
+    ft = str(tmp_path / "ft")
+    assert train.main(["--out", ft, "--init", out] + TINY + ["--min-iterations", "3", "--phases", "1.0:4",
+                                                             "--monitor-iterations", "5:6", "--induction-steps", "0"]) == 0
+    with open(os.path.join(ft, "training.json")) as f:
+        rec = json.load(f)
+    assert rec["complete"] and rec["args"]["min_iterations"] == 3 and rec["args"]["monitor_iterations"] == "5:6"

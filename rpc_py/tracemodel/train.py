@@ -188,6 +188,11 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--phases", default="0.2:4,0.8:24",
                    help="curriculum: fraction:max_iterations,... (max iterations per phase)")
+    p.add_argument("--min-iterations", type=int, default=None,
+                   help="shortest loop drawn as a batch's longest (default 1): with --init, train on long "
+                        "traces only")
+    p.add_argument("--monitor-iterations", default=None,
+                   help="LO:HI, the loop lengths of the monitor problems (default 12:20, the shipped family)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--induction-steps", type=int, default=400,
@@ -211,6 +216,15 @@ def main(argv=None) -> int:
     phases = [(float(f), int(m)) for f, m in (x.split(":") for x in args.phases.split(","))]
     if not all(1 <= m <= MAX_ITERATIONS for _, m in phases):
         raise SystemExit(f"--phases: max iterations must be in 1..{MAX_ITERATIONS}")
+    min_it = 1 if args.min_iterations is None else args.min_iterations
+    if not 1 <= min_it <= MAX_ITERATIONS:
+        raise SystemExit(f"--min-iterations: expected 1..{MAX_ITERATIONS}, got {min_it}")
+    try:
+        mon_lo, mon_hi = (int(x) for x in (args.monitor_iterations or "12:20").split(":"))
+    except ValueError:
+        raise SystemExit(f"--monitor-iterations: expected LO:HI, got {args.monitor_iterations!r}") from None
+    if not 1 <= mon_lo <= mon_hi <= MAX_ITERATIONS:
+        raise SystemExit(f"--monitor-iterations: expected 1 <= LO <= HI <= {MAX_ITERATIONS}, got {args.monitor_iterations}")
 
     from transformers import LlamaForCausalLM
 
@@ -232,7 +246,7 @@ def main(argv=None) -> int:
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
-    eval_spec = TaskSpec(iterations=(12, 20), **SPEC_DEFAULTS)
+    eval_spec = TaskSpec(iterations=(mon_lo, mon_hi), **SPEC_DEFAULTS)
     eval_seeds = list(range(MONITOR_START, MONITOR_START + 8))  # disjoint from training and evaluation seeds
     log = []
     t0 = time.time()
@@ -263,7 +277,7 @@ def main(argv=None) -> int:
     for step in range(first_step, args.steps):
         max_it = phase_max_iterations(step, args.steps, phases)
         # One length bucket per batch (little padding): iterations uniform in [lo, hi].
-        hi = rng.randint(1, max_it)
+        hi = rng.randint(min(min_it, max_it), max_it)
         lo = max(1, int(hi * 0.8))
         spec = TaskSpec(iterations=(lo, hi), **SPEC_DEFAULTS)
         seq = trace_length(spec, hi) + 2 * hi + 50
@@ -291,7 +305,7 @@ def main(argv=None) -> int:
         evaluated = (step + 1) % args.eval_every == 0 or last
         if evaluated:
             tok_acc, seq_acc = teacher_forced_accuracy(model, tokenizer, eval_spec, eval_seeds)
-            print(f"  eval (teacher-forced, 12-20 iterations): token acc {tok_acc:.4f}, exact traces {seq_acc:.3f}",
+            print(f"  eval (teacher-forced, {mon_lo}-{mon_hi} iterations): token acc {tok_acc:.4f}, exact traces {seq_acc:.3f}",
                   flush=True)
             log[-1].update(token_acc=tok_acc, exact_traces=seq_acc)
         stop = not last and args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
