@@ -45,6 +45,9 @@ echo "   installed in $((SECONDS - t0)) s"
 mkdir -p "$SUITE/tests"
 cp -r "$REPO/tests/vllm_engine" "$SUITE/tests/"
 cp "$REPO/pyproject.toml" "$SUITE/"
+mkdir -p "$SUITE/benchmarks/trace_models"  # the trained head-size-32 trace model a test runs in vLLM
+cp -r "$REPO/benchmarks/trace_models/head32" "$SUITE/benchmarks/trace_models/"
+rm -f "$SUITE/benchmarks/trace_models/head32/resume.pt"
 find "$SUITE" -name __pycache__ -prune -exec rm -rf {} +
 cd "$SUITE"
 "$VPY" - <<'EOF'

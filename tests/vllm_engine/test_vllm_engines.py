@@ -117,3 +117,36 @@ def test_smollm2_requests_equal_rpc_py_generate():
             assert_same_positions(kept(llm, f"smol-{i}"), positions, f"smol-{i}")
     finally:
         close(llm)
+
+
+def test_trace_model_requests_equal_rpc_py_generate():
+    """The trained loop-trace model with head size 32 (``benchmarks/trace_models/head32``; vLLM's CPU
+    attention needs >= 32, the shipped model's is 16): held-out problems through vLLM under RPC,
+    staggered, several compressions each; tokens and kept positions equal rpc_py.generate alone."""
+    from transformers import AutoTokenizer
+
+    from rpc_py.accuracy import extract_answer, is_correct
+    from rpc_py.tracemodel import EVAL_SPEC, heldout_problems, trace_length
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "benchmarks", "trace_models", "head32")
+    assert os.path.isfile(os.path.join(folder, "model.safetensors")), f"{folder}: the trained weights are missing"
+    tok = AutoTokenizer.from_pretrained(folder)
+    problems = heldout_problems(3, start=1_000_300_000)
+    ps = [list(tok(p["problem"]).input_ids) for p in problems]
+    n = trace_length(EVAL_SPEC, EVAL_SPEC.iterations[1]) + 8
+    rpc = RPCConfig(interval=64, window=32, ratio=2)
+    llm = make_engine(folder, rpc=rpc, max_model_len=1024)
+    try:
+        got = run_staggered(llm, [(f"trace-{i}", p, params("default", n=n)) for i, p in enumerate(ps)])
+        verdicts = []
+        for i, p in enumerate(ps):
+            want, positions = reference(folder, p, rpc, n)
+            assert got[f"trace-{i}"] == want, f"trace-{i}: tokens differ from rpc_py.generate"
+            assert_same_positions(kept(llm, f"trace-{i}"), positions, f"trace-{i}")
+            assert len(positions[0]) < len(p) + len(want) - 1, "no compression happened"
+            end = want.index(tok.eos_token_id) if tok.eos_token_id in want else len(want)
+            verdicts.append(is_correct(extract_answer(tok.decode(want[:end])), problems[i]["answer"]))
+    finally:
+        close(llm)
+    print("trace model under RPC in vLLM, correct:", verdicts)
