@@ -323,8 +323,7 @@ def main(argv=None):
     p.add_argument("--ratios", type=int, nargs="+", default=[2, 4])
     p.add_argument("--iterations", type=int, nargs=2, metavar=("LO", "HI"), default=None,
                    help="loop lengths of the problems (default: the shipped family, 12 20); longer loops give "
-                        "longer traces, e.g. 40 48 for ~1,100-1,300 generated tokens (a model trained on them: "
-                        "benchmarks/trace_models/long48)")
+                        "longer traces (40 48: ~1,100-1,300 generated tokens) for a model trained on them")
     p.add_argument("--mechanism", type=int, default=100, help="problems for the mechanism probe (0: skip)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)

@@ -258,9 +258,10 @@ plt.show()"""))
 
 cells.append(new_markdown_cell(r"""### The headline on every trained model
 
-The same comparisons on each trace model given to the run (the shipped one and models trained from other
-seeds with the same recipe, `python -m rpc_py.tracemodel.train --seed N`): correct answers of n with the 95%
-Wilson interval, then each rule's verdict against RPC on every model (paired, Holm-adjusted over every comparison of the run)."""))
+The same comparisons on each trace model given to the run (the shipped one, models trained from other
+seeds with the same recipe, `python -m rpc_py.tracemodel.train --seed N`, and one with head size 32 at twice
+the width; `benchmarks/trace_models/README.md` has each command and the full-cache accuracy to read the
+counts against): correct answers of n with the 95% Wilson interval, then each rule's verdict against RPC on every model (paired, Holm-adjusted over every comparison of the run)."""))
 
 cells.append(new_code_cell(r"""labels = list(ds["models"])
 head = "| rule | " + " | ".join(f"{lb} c={lv}" for lv in levels for lb in labels) + " |"

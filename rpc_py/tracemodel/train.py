@@ -31,8 +31,20 @@ still at loss 0.4-0.5 after 3,700 of 8,000 steps (teacher-forced token accuracy 
 3,000, no exact trace), where the default 8 heads of 16 pass it by step ~1,500 (loss 0.017, token
 accuracy 0.97 at step 1,950). With 8 heads of 32 (``--hidden 256 --intermediate 1024 --heads 8 --kv-heads 2``,
 3.9M parameters, about four times the compute: ~2,000-2,600 tokens/s on one thread) the run does leave
-it: teacher-forced token accuracy 0.94 at step 1,750 and 0.95 at step 2,250 (loss 0.06 at 2,400), no
-exact trace yet; that run (seed 0) needs more than one sitting and was not finished on 2026-12-05.
+it (token accuracy 0.94 at step 1,700) but then creeps: 0.984 at step 4,950, 0.988-0.991 from there to
+step 8,000, no exact monitor trace; 180 minutes in five sittings (``benchmarks/trace_models/head32``; with
+the full cache it answers 14% of the design-space problems).
+
+Longer traces (``--min-iterations``, ``--monitor-iterations``; e.g. ``--init rpc_py/tracemodel/weights
+--phases 1.0:48 --min-iterations 24 --monitor-iterations 40:48 --induction-steps 0``) fine-tune a trained
+model on loops longer than it has seen. The shipped model does not generalise past its 24 iterations
+(greedy, full cache: 2 of 6 problems at 24 iterations, 0 of 6 at 40). Two such fine-tunes of the shipped
+model towards traces of 1,000-1,300 tokens (40-48 iterations) did not learn them (2026-12-05, one thread,
+shared 2-core Xeon): 1,200 steps at ``--lr 1e-3 --min-iterations 24`` (16 min) reached a teacher-forced
+token accuracy of 0.980 on 40-48 iterations (no exact trace) but answered 4 of 40 such problems and lost the
+short ones (15 of 40 at 12-20); 2,000 steps at ``--lr 3e-4 --min-iterations 12`` (21 min, token accuracy
+0.977) kept the short ones (96 of 100) and answered 7 of 100 long ones, below the ~10% of guessing the
+digit. Neither was kept.
 """
 
 from __future__ import annotations
