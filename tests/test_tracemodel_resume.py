@@ -63,7 +63,7 @@ def test_resume_refuses_other_arguments_and_missing_checkpoint(tmp_path):
         train.main(["--out", out, "--resume"] + TINY + ["--lr", "0.004"])
 
 
-def test_long_trace_options_are_checked_and_old_checkpoints_resume(tmp_path):
+def test_long_trace_options_are_checked_and_old_checkpoints_resume(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="--min-iterations"):
         train.main(["--out", out, "--min-iterations", "0"] + TINY)
@@ -79,9 +79,17 @@ def test_long_trace_options_are_checked_and_old_checkpoints_resume(tmp_path):
     torch.save(state, path)
     assert train.main(["--out", out, "--resume"] + TINY) == 0
     # long-trace training from a checkpoint: batches of 3-4 iterations only, monitored on 5-6
+    drawn, monitored = [], []
+    make_batch, accuracy = train.make_batch, train.teacher_forced_accuracy
+    monkeypatch.setattr(train, "make_batch", lambda tok, seeds, spec: drawn.append(spec.iterations) or make_batch(tok, seeds, spec))
+    monkeypatch.setattr(train, "teacher_forced_accuracy",
+                        lambda model, tok, spec, seeds: monitored.append(spec.iterations) or accuracy(model, tok, spec, seeds))
     ft = str(tmp_path / "ft")
     assert train.main(["--out", ft, "--init", out] + TINY + ["--min-iterations", "3", "--phases", "1.0:4",
                                                              "--monitor-iterations", "5:6", "--induction-steps", "0"]) == 0
     with open(os.path.join(ft, "training.json")) as f:
         rec = json.load(f)
     assert rec["complete"] and rec["args"]["min_iterations"] == 3 and rec["args"]["monitor_iterations"] == "5:6"
+    # six training batches, then the monitor batch (the one evaluation, at the last step)
+    assert len(drawn) == 7 and all(hi in (3, 4) and lo == max(1, int(hi * 0.8)) for lo, hi in drawn[:6]), drawn
+    assert monitored == [(5, 6)] and drawn[6] == (5, 6)
