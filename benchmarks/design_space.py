@@ -49,11 +49,11 @@ from rpc_py import RPCConfig  # noqa: E402
 from rpc_py._report import cpu_name  # noqa: E402
 from rpc_py.accuracy import Setting, evaluate, holm, mcnemar_exact, wilson_interval  # noqa: E402
 from rpc_py.policies import H2O, RKV, TOVA, Attention, Random, Recent  # noqa: E402
+from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, trace_length  # noqa: E402
 
 # Fresh problems: the shipped ablations use HELD_OUT_START .. +200, training seeds lie below
 # HELD_OUT_START and training monitors from 2e9; this range is used by nothing else.
 FIRST_SEED = 1_000_100_000
-DEFAULT_ITERATIONS = (12, 20)  # rpc_py.tracemodel.EVAL_SPEC, the family every trained model learnt
 NORMS, AGGREGATIONS, KERNELS = ("candidates", "causal"), ("all", "group"), (5, 7)
 
 
@@ -226,7 +226,7 @@ def merge(paths: list[str]) -> dict:
     recomputed over everything together."""
     runs = [json.load(open(p)) for p in paths]
     for r in runs:  # runs from before --iterations used the shipped family
-        r["settings"].setdefault("iterations", list(DEFAULT_ITERATIONS))
+        r["settings"].setdefault("iterations", list(EVAL_SPEC.iterations))
     result = dict(runs[0], models={}, command=" ; ".join(r["command"] for r in runs),
                   machines=[m for r in runs for m in r.get("machines", [r["machine"]])])  # a merged input keeps its list
     for path, r in zip(paths, runs):
@@ -351,8 +351,6 @@ def main(argv=None):
         if "rpc" not in args.cells:
             args.mechanism = 0  # the probe is RPC's own run
     torch.set_num_threads(args.threads)
-    from rpc_py.tracemodel import EVAL_SPEC, TaskSpec, heldout_problems, trace_length
-
     spec = EVAL_SPEC if args.iterations is None else TaskSpec(iterations=tuple(args.iterations))
     if args.quick:  # short traces, a short schedule: a smoke run of every code path (the notebook's CI run)
         args.problems, args.ratios, args.mechanism, args.batch_size = 8, [2], 4, 8

@@ -231,8 +231,9 @@ def main(argv=None) -> int:
     min_it = 1 if args.min_iterations is None else args.min_iterations
     if not 1 <= min_it <= MAX_ITERATIONS:
         raise SystemExit(f"--min-iterations: expected 1..{MAX_ITERATIONS}, got {min_it}")
-    try:
-        mon_lo, mon_hi = (int(x) for x in (args.monitor_iterations or "12:20").split(":"))
+    try:  # default: the shipped family (TaskSpec's iterations)
+        mon_lo, mon_hi = ((int(x) for x in args.monitor_iterations.split(":")) if args.monitor_iterations
+                          else TaskSpec(**SPEC_DEFAULTS).iterations)
     except ValueError:
         raise SystemExit(f"--monitor-iterations: expected LO:HI, got {args.monitor_iterations!r}") from None
     if not 1 <= mon_lo <= mon_hi <= MAX_ITERATIONS:
